@@ -1,0 +1,123 @@
+"""Label masking, token by token: labels are -100 everywhere except assistant replies and
+their end token, for every template kind; truncation never cuts the image span."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm.core.processor import VLMProcessor
+from vlm.core.templates import ChatTemplate, build_template
+from vlm.core.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, train_tokenizer
+
+CONV = [
+    {"from": "human", "value": "<image>\nWhat color is the circle?"},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "How many shapes are there?"},
+    {"from": "gpt", "value": "three shapes"},
+]
+# A Llama-3-style template: headers and end-of-turn tokens that differ from the EOS token.
+LLAMA3_STYLE = (
+    "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}<|end_header|>\n\n"
+    "{{ m['content'] }}<|eot|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start|>assistant<|end_header|>\n\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_tokenizer([t["value"] for t in CONV] * 5, vocab_size=300)
+    tok.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN, "<|start|>", "<|end_header|>", "<|eot|>"]})
+    return tok
+
+
+def make_processor(tokenizer, template, max_length=512, num_image_tokens=6):
+    return VLMProcessor(
+        tokenizer, template, {"vision": lambda im: torch.zeros(3, 8, 8)}, num_image_tokens, max_length
+    )
+
+
+def labelled_spans(labels):
+    """Contiguous runs of positions whose label is not IGNORE_INDEX."""
+    spans, start = [], None
+    for i, lab in enumerate([*labels.tolist(), IGNORE_INDEX]):
+        if lab != IGNORE_INDEX and start is None:
+            start = i
+        if lab == IGNORE_INDEX and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+@pytest.mark.parametrize("kind", ["auto", "vicuna_v1", "llama3_style"])
+def test_labels_cover_exactly_the_replies_and_their_end_token(tokenizer, kind):
+    if kind == "llama3_style":
+        template = ChatTemplate(tokenizer, LLAMA3_STYLE)
+        end = "<|eot|>"
+    else:
+        template = build_template(kind, tokenizer)
+        end = tokenizer.eos_token
+    proc = make_processor(tokenizer, template)
+    item = proc({"image": Image.new("RGB", (8, 8)), "conversations": CONV})
+    ids, labels = item["input_ids"], item["labels"]
+    spans = labelled_spans(labels)
+    assert len(spans) == 2, "one labelled span per assistant reply"
+    for (a, b), reply in zip(spans, ["red", "three shapes"], strict=True):
+        assert torch.equal(labels[a:b], ids[a:b])
+        assert tokenizer.decode(ids[a:b]).replace(" ", "") == (reply + end).replace(" ", "")
+        assert tokenizer.convert_ids_to_tokens(int(ids[b - 1])) == end
+        # the token just before the reply is the assistant header, not part of the target
+        assert labels[a - 1] == IGNORE_INDEX
+    n_img = int((ids == proc.image_token_id).sum())
+    assert n_img == 6 and (labels[ids == proc.image_token_id] == IGNORE_INDEX).all()
+
+
+def test_plain_template_targets_only_the_caption(tokenizer):
+    proc = make_processor(tokenizer, build_template("plain", tokenizer))
+    conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle"}]
+    item = proc({"image": Image.new("RGB", (8, 8)), "conversations": conv})
+    ids, labels = item["input_ids"], item["labels"]
+    (a, b), = labelled_spans(labels)
+    assert tokenizer.decode(ids[a:b], skip_special_tokens=True).strip() == "a red circle"
+    assert int(ids[b - 1]) == tokenizer.eos_token_id and b == len(ids)
+    assert "Describe" not in tokenizer.decode(ids)
+    assert int(ids[0]) == tokenizer.bos_token_id and int(ids[1]) == proc.image_token_id
+
+
+def test_generation_prompt_matches_training_prefix(tokenizer):
+    """The prompt at inference is token-for-token the prefix the model saw in training."""
+    proc = make_processor(tokenizer, build_template("auto", tokenizer))
+    sample = {"image": Image.new("RGB", (8, 8)), "conversations": CONV[:2]}
+    train = proc(sample)
+    gen = proc(sample, mode="generate")
+    n = len(gen["input_ids"])
+    assert torch.equal(train["input_ids"][:n], gen["input_ids"])
+    assert (train["labels"][:n] == IGNORE_INDEX).all() and train["labels"][n] != IGNORE_INDEX
+    assert gen["answer"] == "red"
+
+
+def test_truncation_never_cuts_the_image_span(tokenizer):
+    template = build_template("auto", tokenizer)
+    sample = {"image": Image.new("RGB", (8, 8)), "conversations": CONV}
+    full = make_processor(tokenizer, template)(sample)["input_ids"]
+    # room for the image span and part of the text: truncated, image span whole
+    cut = make_processor(tokenizer, template, max_length=len(full) - 3)(sample)
+    assert len(cut["input_ids"]) == len(full) - 3
+    # the image span ends past max_length: the sample is dropped and counted, not cut
+    proc = make_processor(tokenizer, template, max_length=4, num_image_tokens=6)
+    assert proc(sample) is None and proc.dropped["longer than max_length"] == 1
+
+
+def test_collate_pads_right_for_training_and_left_for_generation(tokenizer):
+    proc = make_processor(tokenizer, build_template("auto", tokenizer))
+    short = {"image": Image.new("RGB", (8, 8)), "conversations": CONV[:2]}
+    items = [proc(short), proc({"image": Image.new("RGB", (8, 8)), "conversations": CONV})]
+    batch = proc.collate(items)
+    n0 = len(items[0]["input_ids"])
+    assert (batch["input_ids"][0, n0:] == tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()
+    assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (batch["input_ids"].shape[1] - n0)
+    long = {**short, "conversations": CONV}
+    gen = proc.collate([proc(short, "generate"), proc(long, "generate")], "generate")
+    g0 = int(gen["attention_mask"][0].sum())
+    assert gen["attention_mask"][0, -g0:].all() and not gen["attention_mask"][0, :-g0].any()
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)

@@ -1,0 +1,38 @@
+"""``vlm-eval ckpt=<path>``: VQA accuracy of a checkpoint on its data's test (or val) split.
+
+The data config saved in the checkpoint is the default; ``data.<key>=...`` overrides it (for
+example a real LLaVA-format benchmark JSON) without retraining anything.
+"""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from vlm.cli import CONF_DIR
+from vlm.core.lit_module import VLMLitModule
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    module = VLMLitModule.from_checkpoint(cfg.ckpt)
+    data_cfg = OmegaConf.merge(module.data_config or {}, cfg.get("data") or {})
+    datamodule = hydra.utils.instantiate(data_cfg)
+    datamodule.prepare_data()
+    datamodule.attach(module.processor)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, **cfg.trainer)
+    run = trainer.test if cfg.split == "test" else trainer.validate
+    (metrics,) = run(module, datamodule=datamodule)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    if not cfg.ckpt:
+        raise SystemExit("usage: vlm-eval ckpt=<path.ckpt> [split=test|val] [data.<key>=...]")
+    for key, value in sorted(evaluate(cfg).items()):
+        print(f"{key}: {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()

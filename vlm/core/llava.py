@@ -1,0 +1,143 @@
+"""The LLaVA-style core shared by ``llava``, ``calm``, ``layer_fusion`` and ``dense_connector``:
+vision tower -> connector -> LLM, with image features scattered into ``<image>`` positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm.core.tokenizer import IGNORE_INDEX
+
+
+class LlavaModel(nn.Module):
+    """LLaVA-1.5 (Liu et al. 2023, Sec. 3): features of ``select_layer`` of the vision tower
+    (``-2``: the penultimate block, as in LLaVA) pass the connector and replace the image
+    tokens' embeddings.
+
+    A family changes one part by passing another tower (CALM's composite) or overriding
+    :meth:`encode_images` (multi-layer fusion); nothing else needs to know.
+    """
+
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        connector: nn.Module,
+        llm: nn.Module,
+        image_token_id: int,
+        select_layer: int = -2,
+        select_feature: str = "patch",
+    ):
+        super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got '{select_feature}'")
+        depth = vision_tower.depth
+        index = select_layer if select_layer >= 0 else depth + 1 + select_layer
+        if not 0 < index <= depth:
+            raise ValueError(
+                f"select_layer={select_layer} is outside the {depth}-block encoder "
+                f"'{vision_tower.name}' (valid: 1..{depth} or -1..-{depth})"
+            )
+        self.vision_tower = vision_tower
+        self.connector = connector
+        self.llm = llm
+        self.image_token_id = image_token_id
+        self.select_index = index  # hidden_states index: 0 = embeddings, i = after block i
+        self.select_feature = select_feature
+
+    @property
+    def num_image_tokens(self) -> int:
+        tower = self.vision_tower
+        n = tower.num_patches + (tower.num_prefix_tokens if self.select_feature == "cls_patch" else 0)
+        return self.connector.num_tokens(n)
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (no dropout, fixed norms) whatever Lightning asks."""
+        super().train(mode)
+        for part in (self.vision_tower, self.connector, self.llm):
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
+    def tower_states(self, pixel_values: Tensor, upto: int) -> list[Tensor]:
+        """Hidden states 0..``upto`` of the tower via its explicit block loop: blocks past
+        ``upto`` are never run, and a frozen tower runs without autograd."""
+        tower = self.vision_tower
+        trainable = any(p.requires_grad for p in tower.parameters())
+        ctx = contextlib.nullcontext() if trainable else torch.no_grad()
+        dtype = next(tower.parameters()).dtype
+        with ctx:
+            h = tower.embed(pixel_values.to(dtype))
+            states = [h]
+            for i in range(upto):
+                h = tower.run_block(i, h)
+                states.append(h)
+        return states
+
+    def select(self, h: Tensor) -> Tensor:
+        if self.select_feature == "patch":
+            return h[:, self.vision_tower.num_prefix_tokens :]
+        return h
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, num_image_tokens, D_llm)."""
+        h = self.tower_states(pixel_values, self.select_index)[-1]  # (B, T, D_v)
+        return self.connector(self.select(h))
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """Token embeddings with image features written into the ``<image>`` positions."""
+        is_image = input_ids == self.image_token_id
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"{n_slots} image tokens in the batch but no pixel_values")
+            return embeds
+        feats = self.encode_images(pixel_values).to(embeds.dtype)  # (B_img, P, D)
+        if feats.shape[0] * feats.shape[1] != n_slots:
+            raise ValueError(
+                f"batch has {n_slots} image-token slots but {feats.shape[0]} images x "
+                f"{feats.shape[1]} features: the processor's num_image_tokens is stale"
+            )
+        return embeds.masked_scatter(is_image[..., None], feats.reshape(-1, feats.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """With ``labels``, the LM head runs only on the positions that predict a target token:
+        on VQA that is a few tokens per sample instead of the full (B, T, vocab) logits."""
+        embeds = self.embed(input_ids, pixel_values)
+        hidden = self.llm.base_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, T, D)
+        head = self.llm.get_output_embeddings()
+        if labels is None:
+            return {"logits": head(hidden)}
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = head(hidden[:, :-1][keep])  # (n_targets, vocab)
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
+        return {"loss": loss, "n_targets": keep.sum()}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        **generate_kwargs,
+    ) -> Tensor:
+        """Left-padded prompts -> new token ids (B, <= max_new_tokens), KV cache on. Greedy,
+        sampling (``do_sample``, ``temperature``, ``top_p``) and beam search (``num_beams``)
+        are transformers' own ``generate``."""
+        embeds = self.embed(input_ids, pixel_values)
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, **generate_kwargs
+        )

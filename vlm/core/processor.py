@@ -1,0 +1,150 @@
+"""Turn a sample (image + LLaVA conversation) into model tensors, and batches of them.
+
+The ``<image>`` placeholder is expanded here into ``num_image_tokens`` image-token ids, so
+the sequence length the model sees is known before the forward pass: truncation can refuse
+to cut the image span, and the model only has to scatter features into marked positions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from vlm.core.templates import Template
+from vlm.core.tokenizer import IGNORE_INDEX, IMAGE_TOKEN
+from vlm.core.zoo.registry import ImageSpec
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+
+def image_transform(spec: ImageSpec) -> ImageTransform:
+    """Resize the shorter side, centre-crop, scale to [0, 1], normalise with the encoder's stats."""
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(spec.size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(spec.size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(spec.mean, spec.std),
+        ]
+    )
+
+
+class VLMProcessor:
+    """Tokenises with segment-level label masks and applies each tower's preprocessing.
+
+    ``image_transforms`` maps a tower name to its transform; with one tower ``pixel_values``
+    is a tensor, with several (CALM's anchor + augmenting) a dict of tensors.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        template: Template,
+        image_transforms: dict[str, ImageTransform],
+        num_image_tokens: int,
+        max_length: int = 512,
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_transforms = image_transforms
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.dropped: Counter[str] = Counter()
+
+    def encode_segments(self, segments) -> tuple[list[int], list[int]]:
+        """ids and labels, segment by segment; ``<image>`` becomes the image-token span."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for seg in segments:
+            for j, piece in enumerate(seg.text.split(IMAGE_TOKEN)):
+                if j > 0:
+                    ids += [self.image_token_id] * self.num_image_tokens
+                    labels += [IGNORE_INDEX] * self.num_image_tokens
+                if piece:
+                    piece_ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+                    ids += piece_ids
+                    labels += piece_ids if seg.target else [IGNORE_INDEX] * len(piece_ids)
+        return ids, labels
+
+    def pixels(self, image: Image.Image | None):
+        if image is None:
+            return None
+        out = {name: tf(image) for name, tf in self.image_transforms.items()}
+        return next(iter(out.values())) if len(out) == 1 else out
+
+    def __call__(self, sample: dict, mode: str = "train") -> dict | None:
+        turns = sample["conversations"]
+        if mode == "generate":
+            segments = self.template.segments(turns[:-1], add_generation_prompt=True)
+        else:
+            segments = self.template.segments(turns)
+        ids, labels = self.encode_segments(segments)
+        if len(ids) > self.max_length:
+            if mode == "generate" or self._image_end(ids) > self.max_length:
+                self.dropped["longer than max_length"] += 1
+                return None
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if mode != "generate" and all(x == IGNORE_INDEX for x in labels):
+            self.dropped["no target tokens left"] += 1
+            return None
+        item = {"input_ids": torch.tensor(ids), "pixel_values": self.pixels(sample.get("image"))}
+        if mode == "generate":
+            item.update(answer=turns[-1]["value"], meta=sample.get("meta", {}), id=sample.get("id"))
+        else:
+            item["labels"] = torch.tensor(labels)
+        return item
+
+    def _image_end(self, ids: list[int]) -> int:
+        pos = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        return pos[-1] + 1 if pos else 0
+
+    def collate(self, items: list[dict | None], mode: str = "train") -> dict:
+        """Right padding for training, left padding for generation (so every prompt ends where
+        decoding starts). Items that were dropped (``None``) are left out."""
+        items = [it for it in items if it is not None]
+        if not items:
+            return {}
+        width = max(len(it["input_ids"]) for it in items)
+        left = mode == "generate"
+        batch: dict = {
+            "input_ids": _pad([it["input_ids"] for it in items], width, self.pad_token_id, left),
+        }
+        lengths = torch.tensor([len(it["input_ids"]) for it in items])
+        ar = torch.arange(width)
+        batch["attention_mask"] = (
+            ar[None] >= (width - lengths)[:, None] if left else ar[None] < lengths[:, None]
+        ).long()
+        if "labels" in items[0]:
+            batch["labels"] = _pad([it["labels"] for it in items], width, IGNORE_INDEX, left)
+        batch["pixel_values"] = _stack_pixels([it["pixel_values"] for it in items])
+        for key in ("answer", "meta", "id"):
+            if key in items[0]:
+                batch[key] = [it[key] for it in items]
+        return batch
+
+
+def _pad(seqs: list[torch.Tensor], width: int, value: int, left: bool) -> torch.Tensor:
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            out[i, width - len(s) :] = s
+        else:
+            out[i, : len(s)] = s
+    return out
+
+
+def _stack_pixels(pixels: list):
+    """Stack the images of the samples that have one (text-only samples carry no image)."""
+    present = [p for p in pixels if p is not None]
+    if not present:
+        return None
+    if isinstance(present[0], dict):
+        return {k: torch.stack([p[k] for p in present]) for k in present[0]}
+    return torch.stack(present)
