@@ -1,0 +1,67 @@
+"""The vision-tower interface every encoder in the zoo implements.
+
+CALM, layer fusion and the dense connector read every block's output and CALM runs blocks
+one at a time, so a tower exposes ``embed`` and ``run_block``, and ``forward`` is just that
+loop. Pooling heads and final norms are removed: a tower returns hidden states only, and a
+parameter that never gets a gradient would break DDP once a recipe unfreezes the tower.
+"""
+
+from torch import Tensor, nn
+
+from vlm.core.zoo.registry import ImageSpec
+
+
+class VisionTower(nn.Module):
+    """A ViT seen as ``embed`` -> N blocks; hidden states are (B, T, D), T = prefix + patches.
+
+    ``model`` is the wrapped HF/timm module, kept whole so its checkpoints load unchanged.
+    """
+
+    unused: tuple[str, ...] = ()  # dotted paths in ``model`` a tower never runs
+
+    def __init__(
+        self, name: str, model: nn.Module, image_spec: ImageSpec, hidden_size: int,
+        num_prefix_tokens: int, num_patches: int,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        for path in self.unused:
+            _drop(model, path)
+        self.name = name
+        self.model = model
+        self.image_spec = image_spec
+        self.hidden_size = hidden_size
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_patches = num_patches
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> hidden_states[0] (B, T, D)."""
+        raise NotImplementedError
+
+    def run_block(self, i: int, h: Tensor) -> Tensor:
+        """Block ``i`` (0-based): (B, T, D) -> (B, T, D)."""
+        return self.blocks[i](h)
+
+    def forward(self, pixel_values: Tensor) -> list[Tensor]:
+        """[h0, h1, ..., hN], each (B, T, D), as HF's ``hidden_states``."""
+        states = [self.embed(pixel_values)]
+        for i in range(self.depth):
+            states.append(self.run_block(i, states[-1]))
+        return states
+
+
+def _drop(model: nn.Module, path: str) -> None:
+    """Replace a submodule by ``Identity`` and unset a parameter; absent paths are skipped."""
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    if isinstance(getattr(parent, leaf, None), nn.Parameter):
+        setattr(parent, leaf, None)
+    elif isinstance(getattr(parent, leaf, None), nn.Module):
+        setattr(parent, leaf, nn.Identity())
