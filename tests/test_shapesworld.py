@@ -1,0 +1,178 @@
+"""ShapesWorld: determinism, answers re-derived from the stored scenes, formats, idempotence."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlm.data.shapesworld import ShapesWorldConfig, generate
+from vlm.data.shapesworld.scene import COLORS
+
+SMALL = dict(seed=3, image_size=48, num_train=40, num_val=10, num_test=120, questions_per_image=6)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return generate(ShapesWorldConfig(root=str(tmp_path_factory.mktemp("sw")), **SMALL))
+
+
+@pytest.fixture(scope="module")
+def scenes(world) -> dict[str, list[dict]]:
+    """image path (relative to root) -> its objects, rebuilt from refs/instances.json."""
+    inst = json.loads((world / "refs" / "instances.json").read_text())
+    cats = {c["id"]: c["name"] for c in inst["categories"]}
+    by_id = {im["id"]: [] for im in inst["images"]}
+    for a in inst["annotations"]:
+        x, y, w, h = a["bbox"]
+        by_id[a["image_id"]].append({"color": a["color"], "shape": cats[a["category_id"]], "x0": x, "x1": x + w, "ann": a})
+    return {f"images/{im['file_name']}": by_id[im["id"]] for im in inst["images"]}
+
+
+def _expected(question: str, objs: list[dict]) -> str | None:
+    """The answer re-derived from the objects; None where the question is ambiguous."""
+    one = lambda key, v: [o for o in objs if o[key] == v]  # noqa: E731
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        hits = one("shape", m[1])
+        return hits[0]["color"] if len(hits) == 1 else None
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        hits = one("color", m[1])
+        return hits[0]["shape"] if len(hits) == 1 else None
+    if question == "How many shapes are there?":
+        return str(len(objs))
+    if m := re.fullmatch(r"Is the (\w+) (\w+) left or right of the (\w+) (\w+)\?", question):
+        a = [o for o in objs if (o["color"], o["shape"]) == (m[1], m[2])]
+        b = [o for o in objs if (o["color"], o["shape"]) == (m[3], m[4])]
+        if len(a) != 1 or len(b) != 1:
+            return None
+        a, b = a[0], b[0]
+        return "left" if a["x1"] < b["x0"] else "right" if b["x1"] < a["x0"] else None
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
+        return "yes" if any((o["color"], o["shape"]) == (m[1], m[2]) for o in objs) else "no"
+    if question == "Describe the image briefly.":
+        names = [f"{o['color']} {o['shape']}" for o in sorted(objs, key=lambda o: o["x0"] + o["x1"])]
+        return {1: "a {}", 2: "a {} left of a {}"}.get(len(names), ", ".join(["a {}"] * (len(names) - 1)) + " and a {} from left to right").format(*names)
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_same_seed_same_bytes_other_seed_other_images(world, tmp_path):
+    again = generate(ShapesWorldConfig(root=str(tmp_path / "a"), **SMALL))
+    assert _files(again) == _files(world)
+    other = generate(ShapesWorldConfig(root=str(tmp_path / "b"), **{**SMALL, "seed": 4}))
+    png = "images/train/train_000000.png"
+    assert (other / png).read_bytes() != (world / png).read_bytes()
+
+
+def test_every_answer_matches_its_scene(world, scenes):
+    n = 0
+    for split in ("train", "val", "test"):
+        for rec in json.loads((world / f"llava_{split}.json").read_text()):
+            conv, objs = rec["conversations"], scenes[rec["image"]]
+            assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+            assert conv[0]["value"].startswith("<image>\n")
+            assert not any("<image>" in t["value"] for t in conv[1:])
+            for h, g in zip(conv[::2], conv[1::2]):
+                assert _expected(h["value"].removeprefix("<image>\n"), objs) == g["value"], (rec["id"], h, g)
+                n += 1
+    assert n > 500
+
+
+def test_pixels_show_the_stored_scene(world, scenes):
+    for path, objs in list(scenes.items())[:30]:
+        img = Image.open(world / path)
+        assert img.mode == "RGB" and img.size == (48, 48)
+        for o in objs:
+            xy = o["ann"]["segmentation"][0]
+            cx, cy = sum(xy[0::2]) / len(xy[0::2]), sum(xy[1::2]) / len(xy[1::2])  # inside a convex polygon
+            assert img.getpixel((int(cx), int(cy))) == COLORS[o["color"]]
+
+
+def test_eval_splits_one_question_per_record_and_balanced_answers(world):
+    test = json.loads((world / "llava_test.json").read_text())
+    assert all(len(r["conversations"]) == 2 for r in test)
+    by_type = Counter(r["qtype"] for r in test)
+    assert set(by_type) == {"caption", "color", "shape", "count", "position", "exists"}
+    exists = [r["conversations"][1]["value"] for r in test if r["qtype"] == "exists"]
+    assert 0.4 <= exists.count("yes") / len(exists) <= 0.6
+    pos = [r["conversations"][1]["value"] for r in test if r["qtype"] == "position"]
+    assert 0.3 <= pos.count("left") / len(pos) <= 0.7
+    counts = Counter(r["conversations"][1]["value"] for r in test if r["qtype"] == "count")
+    assert set(counts) == {"1", "2", "3", "4"} and min(counts.values()) >= 15
+
+
+def test_single_turn_train_records(tmp_path):
+    root = generate(ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "multi_turn": False, "questions_per_image": 3}))
+    train = json.loads((root / "llava_train.json").read_text())
+    assert all(len(r["conversations"]) == 2 and r["qtype"] == r["qtypes"][0] for r in train)
+    assert len(train) == 3 * SMALL["num_train"]
+
+
+def test_caption_formats(world):
+    pre = json.loads((world / "llava_pretrain.json").read_text())
+    assert len(pre) == SMALL["num_train"] and pre[0]["conversations"][0] == {"from": "human", "value": "<image>"}
+    for split, n in (("train", 40), ("val", 10), ("test", 120)):
+        coco = json.loads((world / "annotations" / f"captions_{split}.json").read_text())
+        ids = {im["id"] for im in coco["images"]}
+        assert len(ids) == n and all(a["image_id"] in ids and a["caption"] for a in coco["annotations"])
+        assert all((world / "images" / im["file_name"]).is_file() for im in coco["images"])
+    karpathy = json.loads((world / "dataset_coco.json").read_text())["images"]
+    assert Counter(im["split"] for im in karpathy) == {"train": 40, "val": 10, "test": 120}
+    im = karpathy[0]
+    assert (world / "images" / im["filepath"] / im["filename"]).is_file()
+    assert all(s["tokens"] and s["raw"] for s in im["sentences"])
+
+
+def test_refs_masks_and_unique_expressions(world, scenes):
+    inst = json.loads((world / "refs" / "instances.json").read_text())
+    anns = {a["id"]: a for a in inst["annotations"]}
+    for a in anns.values():
+        x, y, w, h = a["bbox"]
+        xy = a["segmentation"][0]
+        assert a["area"] > 0 and w > 0 and h > 0 and 0 <= x and x + w <= 48 and 0 <= y and y + h <= 48
+        assert all(x - 1e-6 <= px <= x + w + 1e-6 for px in xy[0::2]) and all(y - 1e-6 <= py <= y + h + 1e-6 for py in xy[1::2])
+    refs = json.loads((world / "refs" / "refs.json").read_text())
+    image_of = {im["id"]: f"images/{im['file_name']}" for im in inst["images"]}
+    assert refs
+    for ref in refs:
+        objs = scenes[image_of[ref["image_id"]]]
+        for s in ref["sentences"]:
+            words = s["sent"].split()
+            if words[1] in ("leftmost", "rightmost"):
+                key = (lambda o: o["x0"]) if words[1] == "leftmost" else (lambda o: -o["x1"])
+                hits = [min(objs, key=key)]
+            else:
+                hits = [o for o in objs if all(w in (o["color"], o["shape"], "shape", "the") for w in words)]
+            assert [o["ann"]["id"] for o in hits] == [ref["ann_id"]], s["sent"]
+
+
+def test_idempotent_and_regenerates_on_new_config(tmp_path):
+    cfg = ShapesWorldConfig(root=str(tmp_path), **SMALL)
+    generate(cfg)
+    manifest = tmp_path / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    generate(cfg)
+    assert manifest.stat().st_mtime_ns == stamp
+    generate(ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "num_train": 20}))
+    assert json.loads(manifest.read_text())["config"]["num_train"] == 20
+    assert len(list((tmp_path / "images" / "train").glob("*.png"))) == 20
+    assert len(json.loads((tmp_path / "llava_pretrain.json").read_text())) == 20
+
+
+def test_concurrent_generators_leave_complete_files(world, tmp_path):
+    cfg = ShapesWorldConfig(root=str(tmp_path), **SMALL)
+    threads = [threading.Thread(target=generate, args=(cfg,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _files(tmp_path) == _files(world)
+    assert not list(tmp_path.rglob("*.tmp"))

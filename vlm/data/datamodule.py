@@ -1,0 +1,254 @@
+"""``VLMDataModule``: ShapesWorld or real files → ``ConversationDataset`` → processor batches.
+
+Loaders: ``train_dataloader`` gives train-mode batches in a seeded, resumable order.
+``val_dataloader`` and ``test_dataloader`` give two loaders over the same split:
+index ``LOSS`` (0) teacher-forced train-mode batches for a validation loss, index
+``GENERATE`` (1) prompt-only batches with ``answer`` and ``meta`` (``qtype``, COCO
+``captions``) for VQA accuracy and caption metrics.
+
+The processor comes from the model (tokenizer, image transforms), which in turn needs a
+tokenizer trained on ``corpus()``; so loaders exist only after ``attach(processor)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from vlm.data.datasets import IMAGE_TOKEN, ConversationDataset
+from vlm.data.readers import caption_conversations, read_coco_captions, read_llava_json
+from vlm.data.sampling import CountingLoader, ResumableSampler
+from vlm.data.shapesworld import ShapesWorldConfig, generate
+
+log = logging.getLogger(__name__)
+
+LOSS, GENERATE = 0, 1
+SPLITS = ("train", "val", "test")
+SOURCES = ("shapesworld", "llava_json", "coco_captions")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}
+
+Paths = str | Sequence[str] | None
+
+
+class VLMDataModule(L.LightningDataModule):
+    """Built from the ``data`` config group; every argument is a plain value.
+
+    ``source``: ``shapesworld`` (generate under ``root``, then read the file kind named by
+    ``reader``), ``llava_json`` or ``coco_captions``. ``{split}_json``: the split's file,
+    relative to ``root``; for COCO the caption annotation file(s) and, with
+    ``karpathy_json``, the Karpathy split picks the images. ``image_folder``: where record
+    image paths start (default ``root``; ``root/images`` for ShapesWorld's COCO files).
+    ``shapesworld``: ``ShapesWorldConfig`` fields. ``max_val_samples``: a seeded random
+    subset of val, for fast evaluation during training (test is never capped).
+    """
+
+    def __init__(
+        self,
+        source: str = "shapesworld",
+        root: str = "data/shapesworld",
+        train_json: Paths = None,
+        val_json: Paths = None,
+        test_json: Paths = None,
+        image_folder: str | None = None,
+        karpathy_json: str | None = None,
+        reader: str = "llava_json",
+        shapesworld: dict | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        on_bad_sample: str = "skip",
+        require_image: bool = True,
+        max_val_samples: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+        if reader not in SOURCES[1:]:
+            raise ValueError(f"data.reader must be one of {SOURCES[1:]}, got {reader!r}")
+        self.save_hyperparameters()
+        self.processor: Any = None
+        self.datasets: dict[str, ConversationDataset] = {}
+        self._train_loader: CountingLoader | None = None
+        self._resume: dict | None = None
+        self._logged: dict[str, str] = {}
+
+    # -- data on disk ------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Generate ShapesWorld under ``root``; a no-op when its manifest matches the config."""
+        if self.hparams.source == "shapesworld":
+            generate(self._shapesworld_config())
+
+    def _shapesworld_config(self) -> ShapesWorldConfig:
+        opts = {
+            k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+            for k, v in (self.hparams.shapesworld or {}).items()
+        }
+        return ShapesWorldConfig(**{**opts, "root": str(self.hparams.root)})
+
+    def _layout(self) -> tuple[str, dict[str, Any], str | None, Path]:
+        """(reader, split → file(s), Karpathy file, image folder), defaults filled in."""
+        hp, root = self.hparams, Path(self.hparams.root)
+        kind = hp.reader if hp.source == "shapesworld" else hp.source
+        files: dict[str, Any] = {s: hp[f"{s}_json"] for s in SPLITS}
+        karpathy, images = hp.karpathy_json, hp.image_folder
+        if hp.source == "shapesworld" and kind == "llava_json":
+            files = {s: files[s] or f"llava_{s}.json" for s in SPLITS}
+        elif hp.source == "shapesworld":
+            every = [f"annotations/captions_{s}.json" for s in SPLITS]
+            files = {s: files[s] or every for s in SPLITS}
+            karpathy, images = karpathy or "dataset_coco.json", images or "images"
+        files = {s: root / f if isinstance(f, str) else [root / p for p in f] for s, f in files.items() if f}
+        return kind, files, str(root / karpathy) if karpathy else None, root / (images or ".")
+
+    def _dataset(self, split: str) -> ConversationDataset:
+        if split in self.datasets:
+            return self.datasets[split]
+        hp = self.hparams
+        kind, files, karpathy, images = self._layout()
+        if split not in files:
+            raise ValueError(f"no file for the {split} split: set data.{split}_json")
+        path = files[split]
+        if kind == "llava_json":
+            records, source = read_llava_json(path), str(path)
+        else:
+            coco = read_coco_captions(path, karpathy, split if karpathy else None)
+            records = caption_conversations(coco, per_caption=split == "train")
+            source = f"{karpathy} ({split})" if karpathy else str(path)
+        ds = ConversationDataset(
+            records, images, hp.on_bad_sample, require_image=hp.require_image, source=source
+        )
+        if split == "val" and hp.max_val_samples and len(ds) > hp.max_val_samples:
+            g = torch.Generator().manual_seed(hp.seed)
+            ds = ds.subset(sorted(torch.randperm(len(ds), generator=g)[: hp.max_val_samples].tolist()))
+        self.datasets[split] = ds
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in STAGE_SPLITS.get(stage, ()):
+            self._dataset(split)
+
+    def corpus(self) -> Iterator[str]:
+        """Every turn of the train split without ``<image>``: the text a tokenizer is trained on."""
+        for turns in self._dataset("train").conversations():
+            for turn in turns:
+                text = turn["value"].replace(IMAGE_TOKEN, "").strip()
+                if text:
+                    yield text
+
+    # -- loaders -----------------------------------------------------------------------------
+    def attach(self, processor: Any) -> None:
+        """``processor(sample, mode) -> item | None`` and ``processor.collate(items, mode)``."""
+        self.processor = processor
+
+    def _loader(
+        self,
+        ds: ConversationDataset,
+        mode: str,
+        batch_size: int,
+        cls: type[DataLoader] = DataLoader,
+        **kw: Any,
+    ) -> DataLoader:
+        if self.processor is None:
+            raise RuntimeError("VLMDataModule.attach(processor) must come before asking for loaders")
+        return cls(
+            ds.with_transform(partial(self.processor, mode=mode)),
+            batch_size=batch_size,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            collate_fn=partial(self.processor.collate, mode=mode),
+            **kw,
+        )
+
+    def train_dataloader(self) -> CountingLoader:
+        ds, trainer = self._dataset("train"), self.trainer
+        sampler = ResumableSampler(
+            ds,
+            seed=self.hparams.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._apply(resume, sampler)
+        self._train_loader = self._loader(
+            ds,
+            "train",
+            self.hparams.batch_size,
+            cls=CountingLoader,
+            sampler=sampler,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+        return self._train_loader
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        ds, bs = self._dataset(split), self.hparams.eval_batch_size or self.hparams.batch_size
+        return [self._loader(ds, "train", bs), self._loader(ds, "generate", bs)]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """[LOSS, GENERATE] loaders over val (capped by ``max_val_samples``)."""
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """[LOSS, GENERATE] loaders over test."""
+        return self._eval_loaders("test")
+
+    # -- resumable order ---------------------------------------------------------------------
+    def _order(self, sampler: ResumableSampler) -> dict[str, int]:
+        """What the shuffle depends on besides the epoch: a position only means something
+        under the same seed, data size and number of ranks."""
+        return {"seed": sampler.seed, "size": len(sampler.dataset), "replicas": sampler.num_replicas}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The train order's epoch and position; Lightning stores it in every checkpoint.
+
+        At an epoch's end the position is that epoch's length; the fit loop's ``set_epoch``
+        for the next epoch then starts it from the top.
+        """
+        loader = self._train_loader
+        if loader is None:
+            return {"train_order": self._resume} if self._resume else {}
+        return {"train_order": {**loader.position(), **self._order(loader.sampler)}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called by Lightning on ``fit(ckpt_path=...)`` before the train loader is built."""
+        resume = state_dict.get("train_order")
+        if resume is None:
+            return
+        if self._train_loader is not None:
+            self._apply(resume, self._train_loader.sampler)
+        else:
+            self._resume = resume
+
+    def _apply(self, resume: dict, sampler: ResumableSampler) -> None:
+        want = self._order(sampler)
+        have = {k: resume.get(k) for k in want}
+        sampler.set_epoch(resume["epoch"])
+        if have == want:
+            sampler.start = resume["start"]
+        else:
+            log.warning(
+                f"train data order changed since the checkpoint ({have} -> {want}): epoch starts afresh"
+            )
+
+    # -- bad samples -------------------------------------------------------------------------
+    def bad_samples(self) -> dict[str, Counter[str]]:
+        """Skipped samples per split and reason (this rank), e.g. for logging as metrics."""
+        return {split: ds.bad_samples for split, ds in self.datasets.items()}
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Log each split's skip summary once more if image failures changed it."""
+        for split, ds in self.datasets.items():
+            line = ds.summary()
+            if ds.io_failures.any() and self._logged.get(split) != line:
+                log.warning(line)
+                self._logged[split] = line
