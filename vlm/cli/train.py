@@ -6,25 +6,26 @@ orders the steps (the tokenizer needs the data's text, the data needs the model'
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.cli import CONF_DIR
-from vlm.cli.common import instantiate_callbacks, instantiate_loggers, save_run_config, task_wrapper
+from vlm.cli.build import build_module, build_tokenizer
+from vlm.cli.common import CONFIG_DIR
+from vlm.core.runtime.callbacks import instantiate_callbacks
+from vlm.core.runtime.config_io import print_config_tree, save_resolved_config
+from vlm.core.runtime.identity import run_identity
+from vlm.core.runtime.loggers import instantiate_loggers, log_resolved_config
+from vlm.core.runtime.task import task_wrapper
+from vlm.core.runtime.trainer import instantiate_trainer
 
 
 def build(cfg: DictConfig, output_dir: str | None = None):
-    """Datamodule, tokenizer and LightningModule for ``cfg`` (shared by train, eval, bench)."""
+    """Datamodule, tokenizer and LightningModule for ``cfg`` (shared by train and eval)."""
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
-    corpus = datamodule.corpus()
-    tokenizer = hydra.utils.instantiate(cfg.tokenizer, corpus=corpus)
-    if output_dir:
-        tokenizer.save_pretrained(Path(output_dir) / "tokenizer")
-    module = hydra.utils.instantiate(cfg.family, tokenizer=tokenizer, _recursive_=False)
+    tokenizer = build_tokenizer(cfg, datamodule.corpus(), output_dir)
+    module = build_module(cfg, tokenizer)
     module.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     datamodule.attach(module.processor)
     return datamodule, tokenizer, module
@@ -34,31 +35,28 @@ def build(cfg: DictConfig, output_dir: str | None = None):
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = cfg.paths.output_dir
-    save_run_config(cfg, output_dir)
+    print_config_tree(cfg)
+    save_resolved_config(cfg, output_dir)
     datamodule, _, module = build(cfg, output_dir)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer,
-        callbacks=instantiate_callbacks(cfg.get("callbacks")),
-        logger=instantiate_loggers(cfg.get("logger"), cfg),
-        default_root_dir=output_dir,
-    )
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    loggers = instantiate_loggers(cfg.get("logger"), run_identity(cfg))
+    log_resolved_config(loggers, cfg)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), have_logger=bool(loggers))
+    trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("test", False):
+    if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
-    key = cfg.get("optimized_metric")
-    return metrics.get(key) if key else None
+    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 
 if __name__ == "__main__":
     main()
-

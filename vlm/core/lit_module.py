@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.core.metrics import VQAAccuracy
+from vlm.core.optim import configure_optimizers
 from vlm.core.params import parameter_rows, print_parameter_table
 from vlm.core.processor import VLMProcessor, image_transform
 from vlm.core.recipes import PartTune, apply_tune
@@ -136,6 +137,8 @@ class VLMLitModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int):
+        if not batch:  # every sample of this batch was dropped by the bad-sample policy
+            return None
         out = self(batch)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
@@ -210,17 +213,16 @@ class VLMLitModule(L.LightningModule):
         and scheduler configs are Hydra partials; the schedule length comes from the trainer."""
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        opt_cfg = dict(hp.optimizer)
-        wd = opt_cfg.pop("weight_decay", 0.0)
-        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = hydra.utils.instantiate(opt_cfg)(groups)
-        if not hp.scheduler:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = hydra.utils.instantiate(hp.scheduler)(optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return configure_optimizers(
+            hydra.utils.instantiate(hp.optimizer),
+            hydra.utils.instantiate(hp.scheduler) if hp.scheduler else None,
+            [g for g in groups if g["params"]],
+            self.trainer.estimated_stepping_batches,
+        )
 
     # -- self-contained checkpoints ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,48 @@
+# The only commands a user needs. `make` lists them; each one installs the environment first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Re-run setup whenever pyproject.toml changes.
+STAMP := $(VENV)/.vlm-setup.stamp
+# torch/torchvision pins, read from pyproject.toml so there is one source of truth.
+TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
+ARGS ?=
+
+.PHONY: help setup train test test-full lint bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@echo "  Variables: ARGS='<hydra overrides>' (train, bench), VENV=$(VENV)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(TORCH_PINS)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(STAMP) ## Create the venv and install the package with dev tools (once; again when pyproject changes)
+
+train: setup ## Train the default experiment (ARGS='experiment=... trainer=gpu')
+	$(BIN)/vlm-train $(ARGS)
+
+test: export HF_HUB_OFFLINE := 1
+test: setup ## Run the fast tests (not slow, not gpu)
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
+
+test-full: export HF_HUB_OFFLINE := 1
+test-full: setup ## Run every test that needs no GPU, slow ones included
+	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
+
+lint: setup ## ruff check + ruff format --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup ## Benchmark the default configuration (ARGS='...')
+	$(BIN)/vlm-bench $(ARGS)
+
+clean: ## Remove logs, outputs and caches (keeps data/ and the venv)
+	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

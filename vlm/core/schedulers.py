@@ -1,0 +1,88 @@
+"""Learning-rate schedules as ``LambdaLR`` factories with linear warmup.
+
+Configs carry ``_partial_: true``; the LightningModule completes them with the optimizer and
+``total_steps = trainer.estimated_stepping_batches`` (see ``vlm.core.optim``). Warmup is a
+ratio of ``total_steps`` (LLaVA's ``warmup_ratio: 0.03``) unless ``warmup_steps`` is given.
+
+The factor at optimizer step ``s`` (0-based) is ``(s + 1) / (w + 1)`` during warmup, so the
+first update already has a non-zero learning rate, reaches 1 at ``s = w`` and then decays to
+``min_lr_ratio`` at ``s = total_steps`` (held there afterwards).
+"""
+
+import math
+from collections.abc import Callable
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def warmup_length(total_steps: int, warmup_ratio: float = 0.0, warmup_steps: int | None = None) -> int:
+    """Number of warmup steps: ``warmup_steps`` if set, else ``round(ratio * total_steps)``."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    if warmup_steps is not None:
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        return min(warmup_steps, total_steps)
+    if not 0.0 <= warmup_ratio <= 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
+    return round(warmup_ratio * total_steps)
+
+
+def _schedule(
+    decay: Callable[[float], float], total_steps: int, warmup_ratio: float, warmup_steps: int | None
+) -> Callable[[int], float]:
+    """Factor of step ``s``: linear warmup, then ``decay(progress)`` with progress in [0, 1]."""
+    warmup = warmup_length(total_steps, warmup_ratio, warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return decay(progress)
+
+    return factor
+
+
+def _check_min_ratio(min_lr_ratio: float) -> None:
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+
+
+def cosine_warmup(
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_ratio: float = 0.0,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup, then half a cosine from 1 down to ``min_lr_ratio`` (LLaVA's schedule)."""
+    _check_min_ratio(min_lr_ratio)
+
+    def decay(progress: float) -> float:
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
+
+
+def linear_warmup(
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_ratio: float = 0.0,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Linear warmup, then a straight line from 1 down to ``min_lr_ratio``."""
+    _check_min_ratio(min_lr_ratio)
+
+    def decay(progress: float) -> float:
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+
+    return LambdaLR(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
+
+
+def constant(
+    optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.0, warmup_steps: int | None = None
+) -> LambdaLR:
+    """Linear warmup, then the base learning rate."""
+    return LambdaLR(optimizer, _schedule(lambda progress: 1.0, total_steps, warmup_ratio, warmup_steps))
