@@ -1,0 +1,1 @@
+"""Throughput, memory, MFU and generation latency of any experiment config (``vlm-bench``)."""

@@ -1,0 +1,31 @@
+"""Tokenizer and LightningModule from a composed config, without the datamodule.
+
+``vlm-train`` builds them from the dataset's text; ``vlm-bench`` from synthetic text. Both go
+through these two functions, so a benchmark measures the module training would build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+from vlm.core.lit_module import VLMLitModule
+
+
+def build_tokenizer(
+    cfg: DictConfig, corpus: Iterable[str], output_dir: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The ``tokenizer`` group's tokenizer (hub, or trained on ``corpus``), saved beside the run."""
+    tokenizer = hydra.utils.instantiate(cfg.tokenizer, corpus=list(corpus))
+    if output_dir:
+        tokenizer.save_pretrained(Path(output_dir) / "tokenizer")
+    return tokenizer
+
+
+def build_module(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> VLMLitModule:
+    """The family's LightningModule; its model parts are built from plain config dicts."""
+    return hydra.utils.instantiate(cfg.family, tokenizer=tokenizer, _recursive_=False)
