@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 APP = Path(__file__).parent / "apps" / "harness_train.py"
-TINY = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.num_sanity_val_steps=0"]
+TINY = [
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "monitor=val/loss",  # what the BoringModel logs
+    "monitor_mode=min",
+]
 
 
 def run_app(args: list[str], log_dir: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -33,7 +39,7 @@ def test_failed_job_does_not_break_the_sweep(tmp_path):
     failed, ok = sweep_jobs(tmp_path)
     assert "Invalid learning rate" in (failed / "harness_train.log").read_text()
     assert (ok / "checkpoints" / "last.ckpt").is_file()
-    assert json.loads((ok / "rank0.json").read_text())["name"] == "train-1"
+    assert json.loads((ok / "rank0.json").read_text())["name"] == "llava_tiny_clip_tiny_llama_shapesworld-1"
     for job in (failed, ok):  # each job its own wandb run, finished, and its output dir printed
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1
         assert f"Output dir: {job}" in (job / "harness_train.log").read_text()

@@ -184,7 +184,8 @@ class VLMLitModule(L.LightningModule):
     def _eval_epoch_end(self, stage: str, metric: VQAAccuracy) -> None:
         if metric.update_called:
             for key, value in metric.compute().items():
-                self.log(f"{stage}/acc" if key == "all" else f"{stage}/acc_{key}", value, prog_bar=key == "all")
+                name = f"{stage}/acc" if key == "all" else f"{stage}/acc_{key}"
+                self.log(name, value, prog_bar=key == "all", add_dataloader_idx=False)
         metric.reset()
         self._write_samples(stage)
 

@@ -202,6 +202,8 @@ class TrainConf:
     ckpt_path: str | None = None
     train: bool = True
     test: bool = True
+    monitor: str | None = None
+    monitor_mode: str = "max"
     optimized_metric: str | None = None
     # Groups owned by the harness (schemas above).
     trainer: Any = None
