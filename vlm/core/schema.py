@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from vlm.core.recipes import PartTune
 
 
 @dataclass
@@ -193,6 +196,18 @@ class WandbLoggerConf:
 
 
 @dataclass
+class StageConf:
+    """A training stage: what each part trains (``tune.<part>``: a ``PartTune``), the learning
+    rate, the conversation template and the checkpoint it starts from."""
+
+    name: str = MISSING
+    lr: float = MISSING
+    template: str = "auto"
+    init_from: str | None = None
+    tune: dict[str, PartTune] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConf:
     """Top level of ``conf/train.yaml``: run identity, switches and one field per config group."""
 
@@ -232,6 +247,7 @@ def register_schemas() -> None:
     cs.store(name="_train_schema", node=TrainConf)
     cs.store(group="trainer", name="_schema", node=TrainerConf)
     cs.store(group="paths", name="_schema", node=PathsConf)
+    cs.store(group="stage", name="_schema", node=StageConf)
     cs.store(group="optimizer", name="_schema_adamw", node=AdamWConf)
     cs.store(group="optimizer", name="_schema_sgd", node=SGDConf)
     cs.store(group="scheduler", name="_schema_constant", node=ConstantConf)
