@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create the venv and install the package with dev tools (once; again when pyproject changes)
 
-train: setup ## Train the default experiment (ARGS='experiment=... trainer=gpu')
-	$(BIN)/vlm-train $(ARGS)
+# The default run: LLaVA's two stages on ShapesWorld, stage 2 starting from stage 1's last.ckpt.
+RUN := logs/llava_shapes/$(shell date +%Y-%m-%d_%H-%M-%S)
+train: setup ## Train the default experiment, stage 1 then 2 (ARGS='<overrides for both>')
+	$(BIN)/vlm-train experiment=llava_shapes_stage1 hydra.run.dir=$(RUN)/stage1 $(ARGS)
+	$(BIN)/vlm-train experiment=llava_shapes hydra.run.dir=$(RUN)/stage2 \
+		stage.init_from=$(RUN)/stage1/checkpoints/last.ckpt $(ARGS)
+	@echo "checkpoint: $(RUN)/stage2/checkpoints/last.ckpt"
 
 test: export HF_HUB_OFFLINE := 1
 test: setup ## Run the fast tests (not slow, not gpu)

@@ -13,14 +13,23 @@ import hydra
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from vlm.core.lit_module import VLMLitModule
+from vlm.core.lit_module import VLMLitModule, checkpoint_tokenizer
 
 
 def build_tokenizer(
     cfg: DictConfig, corpus: Iterable[str], output_dir: str | None = None
 ) -> PreTrainedTokenizerBase:
-    """The ``tokenizer`` group's tokenizer (hub, or trained on ``corpus``), saved beside the run."""
-    tokenizer = hydra.utils.instantiate(cfg.tokenizer, corpus=list(corpus))
+    """The ``tokenizer`` group's tokenizer (hub, or trained on ``corpus``), saved beside the run.
+
+    A stage that starts from an earlier stage's checkpoint (``stage.init_from``) keeps that
+    stage's tokenizer: a new in-process tokenizer would renumber the vocabulary under the
+    trained embeddings.
+    """
+    init_from = cfg.get("stage", {}).get("init_from")
+    if init_from:
+        tokenizer = checkpoint_tokenizer(init_from)
+    else:
+        tokenizer = hydra.utils.instantiate(cfg.tokenizer, corpus=list(corpus))
     if output_dir:
         tokenizer.save_pretrained(Path(output_dir) / "tokenizer")
     return tokenizer

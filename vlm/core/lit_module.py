@@ -254,6 +254,14 @@ def _without_pretrained(cfg):
     return cfg
 
 
+def checkpoint_tokenizer(path: str | Path):
+    """The tokenizer stored in one of our checkpoints."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if "vlm" not in ckpt:
+        raise ValueError(f"{path} has no tokenizer: not a vlm-lab checkpoint")
+    return tokenizer_from_dict(ckpt["vlm"]["tokenizer"])
+
+
 def tokenizer_to_dict(tokenizer) -> dict[str, str]:
     import tempfile
 

@@ -68,6 +68,7 @@ class VLMDataModule(L.LightningDataModule):
         on_bad_sample: str = "skip",
         require_image: bool = True,
         max_val_samples: int | None = None,
+        corpus_json: Sequence[str] | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -138,8 +139,17 @@ class VLMDataModule(L.LightningDataModule):
             self._dataset(split)
 
     def corpus(self) -> Iterator[str]:
-        """Every turn of the train split without ``<image>``: the text a tokenizer is trained on."""
-        for turns in self._dataset("train").conversations():
+        """Every turn of the train split without ``<image>``: the text a tokenizer is trained on.
+
+        ``corpus_json`` (files under ``root``) widens it, so that the stages of one run, each
+        reading a different file, share one vocabulary.
+        """
+        files = self.hparams.corpus_json
+        if files:
+            convs = (r["conversations"] for f in files for r in read_llava_json(Path(self.hparams.root) / f))
+        else:
+            convs = self._dataset("train").conversations()
+        for turns in convs:
             for turn in turns:
                 text = turn["value"].replace(IMAGE_TOKEN, "").strip()
                 if text:

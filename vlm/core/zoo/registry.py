@@ -63,6 +63,9 @@ _TINY_VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ima
 TINY_CLIP = _TINY_VIT | dict(intermediate_size=256)
 TINY_DINOV2 = _TINY_VIT | dict(mlp_ratio=4)
 TINY_TIMM = dict(embed_dim=64, depth=2, num_heads=4, img_size=64, patch_size=16)
+# R+ViT hybrid: a ResNet-v2 stem (stride 4) under 2x2 patches, so each token sees a
+# convolutional feature map; at 32 px that is a 4x4 grid, the CPU default's encoder.
+TINY_HYBRID = dict(embed_dim=128, depth=3, num_heads=4, img_size=32, patch_size=2)
 
 
 def _clip(width: int, layers: int, heads: int, patch: int, size: int) -> dict[str, Any]:
@@ -85,6 +88,7 @@ VISION_ENTRIES: dict[str, VisionEntry] = {
     "tiny_siglip": VisionEntry("siglip", ImageSpec(64, SIGLIP_MEAN, SIGLIP_STD), TINY_CLIP),
     "tiny_dinov2": VisionEntry("dinov2", ImageSpec(64, IMAGENET_MEAN, IMAGENET_STD), TINY_DINOV2),
     "tiny_timm_vit": VisionEntry("timm", None, TINY_TIMM, timm_name="vit_tiny_patch16_224"),
+    "tiny_hybrid_vit": VisionEntry("timm", None, TINY_HYBRID, timm_name="vit_tiny_r_s16_p8_224"),
     "clip_vit_b32": VisionEntry(
         "clip", ImageSpec(224, CLIP_MEAN, CLIP_STD), _clip(768, 12, 12, 32, 224),
         "openai/clip-vit-base-patch32", TINY_CLIP,

@@ -48,6 +48,8 @@ class ShapesWorldConfig:
     qtypes: tuple[str, ...] = QTYPES
     multi_turn: bool = True
     questions_per_image: int = 6
+    num_pretrain: int = 0
+    pretrain_max_shapes: int = 1
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
@@ -101,14 +103,18 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _split(cfg: ShapesWorldConfig, root: Path, split: str, n: int) -> tuple[list[ImageEntry], list[dict]]:
+def _split(
+    cfg: ShapesWorldConfig, root: Path, split: str, n: int, max_shapes: int | None = None
+) -> tuple[list[ImageEntry], list[dict]]:
     folder = root / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
     entries, records = [], []
+    top = max_shapes or cfg.max_shapes
     for i in range(n):
         rng = random.Random(f"shapesworld:{cfg.seed}:{split}:{i}")
-        scene = sample_scene(rng, cfg.image_size, list(cfg.colors), list(cfg.shapes), cfg.min_shapes, cfg.max_shapes)
-        e = ImageEntry(f"{split}_{i:06d}", SPLITS.index(split) * 10**7 + i, split, "", cfg.image_size, scene, [])
+        scene = sample_scene(rng, cfg.image_size, list(cfg.colors), list(cfg.shapes), min(cfg.min_shapes, top), top)
+        e = ImageEntry(f"{split}_{i:06d}", (SPLITS + ("pretrain",)).index(split) * 10**7 + i, split, "",
+                       cfg.image_size, scene, [])
         e.file_name = f"{split}/{e.id}.png"
         e.captions = captions(scene, rng)
         atomic_write_bytes(root / "images" / e.file_name, png_bytes(render(scene, cfg.image_size)))
@@ -119,6 +125,24 @@ def _split(cfg: ShapesWorldConfig, root: Path, split: str, n: int) -> tuple[list
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
     return entries, records
+
+
+def _write_pretrain(cfg: ShapesWorldConfig, root: Path, train: list[ImageEntry]) -> None:
+    """llava_pretrain.json: captions for LLaVA's stage 1 (human "<image>", gpt caption).
+
+    With ``num_pretrain`` they describe their own scenes of at most ``pretrain_max_shapes``
+    objects: single-object captions tie each colour and shape word to its look before any
+    question needs binding (the CPU default's curriculum); otherwise the train scenes.
+    """
+    entries = train
+    if cfg.num_pretrain:
+        entries, _ = _split(cfg, root, "pretrain", cfg.num_pretrain, cfg.pretrain_max_shapes)
+    pretrain = [
+        {"id": e.id, "image": f"images/{e.file_name}", "qtype": "caption",
+         "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": e.captions[0]}]}
+        for e in entries
+    ]
+    atomic_write_json(root / "llava_pretrain.json", pretrain)
 
 
 def generate(cfg: ShapesWorldConfig) -> Path:
@@ -148,12 +172,7 @@ def generate(cfg: ShapesWorldConfig) -> Path:
             qts = Counter(qt for r in records for qt in r.get("qtypes", [r["qtype"]]))
             counts[split] = {"images": len(entries), "records": len(records), "questions": dict(sorted(qts.items()))}
             if split == "train":
-                pretrain = [
-                    {"id": e.id, "image": f"images/{e.file_name}", "qtype": "caption",
-                     "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": e.captions[0]}]}
-                    for e in entries
-                ]
-                atomic_write_json(root / "llava_pretrain.json", pretrain)
+                _write_pretrain(cfg, root, entries)
         atomic_write_json(root / "dataset_coco.json", karpathy(all_entries))
         instances, refs = instances_and_refs(all_entries, list(cfg.shapes))
         atomic_write_json(root / "refs" / "instances.json", instances)
