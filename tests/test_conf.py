@@ -221,9 +221,10 @@ def test_default_callbacks(tmp_path):
     )
     callbacks = instantiate_callbacks(cfg.callbacks)
     by_type = {type(cb): cb for cb in callbacks}
-    checkpoint = by_type[ModelCheckpoint]
-    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == ("val/acc", "max", True)
-    assert checkpoint.dirpath == str(tmp_path / "checkpoints")
+    best, last = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+    assert (best.monitor, best.mode, best.save_last) == ("val/acc", "max", False)
+    assert (last.monitor, last.filename, last.save_top_k) == (None, "last", 1)
+    assert best.dirpath == last.dirpath == str(tmp_path / "checkpoints")
     assert LearningRateMonitor in by_type and RichProgressBar in by_type
     without_logger = instantiate_callbacks(cfg.callbacks, have_logger=False)
     assert not any(isinstance(cb, LearningRateMonitor) for cb in without_logger)

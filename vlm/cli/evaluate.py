@@ -22,8 +22,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.attach(module.processor)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **cfg.trainer)
     run = trainer.test if cfg.split == "test" else trainer.validate
-    (metrics,) = run(module, datamodule=datamodule)
-    return metrics
+    # One dict per loader (the data module's LOSS and GENERATE loaders); metric names are unique.
+    return {key: value for loader in run(module, datamodule=datamodule) for key, value in loader.items()}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

@@ -7,6 +7,10 @@ ratio of ``total_steps`` (LLaVA's ``warmup_ratio: 0.03``) unless ``warmup_steps`
 The factor at optimizer step ``s`` (0-based) is ``(s + 1) / (w + 1)`` during warmup, so the
 first update already has a non-zero learning rate, reaches 1 at ``s = w`` and then decays to
 ``min_lr_ratio`` at ``s = total_steps`` (held there afterwards).
+
+A restored schedule takes its learning rate from the restored step and its own ``total_steps``
+(see ``StepSchedule``), so a run resumed with a larger ``trainer.max_steps`` follows the longer
+schedule from its first step on.
 """
 
 import math
@@ -27,6 +31,24 @@ def warmup_length(total_steps: int, warmup_ratio: float = 0.0, warmup_steps: int
     if not 0.0 <= warmup_ratio <= 1.0:
         raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
     return round(warmup_ratio * total_steps)
+
+
+class StepSchedule(LambdaLR):
+    """``LambdaLR`` whose ``load_state_dict`` re-derives the learning rate from the restored step.
+
+    A checkpoint holds the optimizer's last learning rate, computed by the schedule of the run
+    that wrote it; Lightning restores the optimizer, then the scheduler, and the next step uses
+    that rate. When the resumed run is longer (``max_steps`` raised) that rate belongs to the old
+    schedule (0 at the end of a cosine), so the first resumed step would be wasted.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._last_lr = [
+            base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)
+        ]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
 
 
 def _schedule(
@@ -62,7 +84,7 @@ def cosine_warmup(
     def decay(progress: float) -> float:
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
+    return StepSchedule(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
 
 
 def linear_warmup(
@@ -78,11 +100,11 @@ def linear_warmup(
     def decay(progress: float) -> float:
         return 1.0 - (1.0 - min_lr_ratio) * progress
 
-    return LambdaLR(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
+    return StepSchedule(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
 
 
 def constant(
     optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.0, warmup_steps: int | None = None
 ) -> LambdaLR:
     """Linear warmup, then the base learning rate."""
-    return LambdaLR(optimizer, _schedule(lambda progress: 1.0, total_steps, warmup_ratio, warmup_steps))
+    return StepSchedule(optimizer, _schedule(lambda progress: 1.0, total_steps, warmup_ratio, warmup_steps))

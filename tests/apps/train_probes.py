@@ -1,0 +1,72 @@
+"""Callbacks that tests add to real ``vlm-train`` runs through ``+callbacks.<name>._target_``.
+
+They only observe (or, for ``Preempt``, stop) a run, so what the tests read back is what the
+unmodified entry point did: the samples of every optimizer step, per rank, and the final weights.
+"""
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+def sample_digests(batch: dict) -> list[str]:
+    """One short digest per sample of a train batch (its unpadded tokens and its pixels):
+    train batches carry no ids, and equal digests mean the same sample."""
+    out = []
+    for i, mask in enumerate(batch["attention_mask"].bool()):
+        digest = hashlib.sha1(batch["input_ids"][i][mask].numpy().tobytes())
+        if batch.get("pixel_values") is not None:
+            digest.update(batch["pixel_values"][i].numpy().tobytes())
+        out.append(digest.hexdigest()[:16])
+    return out
+
+
+def state_sha(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor of a state dict in key order: equal iff the weights are."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(state.items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class BatchLog(L.Callback):
+    """``batches_rank<r>.jsonl``: the samples each optimizer step trains on, one line per
+    step as it starts (so a run that dies still leaves its record); ``state_rank<r>.json``:
+    the final global step and the hash of the weights."""
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        line = {"step": trainer.global_step, "samples": sample_digests(batch) if batch else []}
+        with open(self._dir(trainer) / f"batches_rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "sha": state_sha(pl_module.state_dict()),
+        }
+        (self._dir(trainer) / f"state_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class Preempted(RuntimeError):
+    """What ``Preempt`` raises: the run dies like a job killed by its scheduler."""
+
+
+class Preempt(L.Callback):
+    """Kill the run as optimizer step ``at_step`` is about to start (after any checkpoint the
+    previous step wrote), the way a pre-empted job dies: no clean shutdown, no final save."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            raise Preempted(f"pre-empted at step {self.at_step}")
