@@ -34,7 +34,9 @@ def make(tokenizer, llm_name="tiny_llama"):
     conn = Connector(tower.hidden_size, llm.config.hidden_size)
     model = LlavaModel(tower, conn, llm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     proc = VLMProcessor(
-        tokenizer, build_template("auto", tokenizer), {"v": image_transform(tower.image_spec)},
+        tokenizer,
+        build_template("auto", tokenizer),
+        {"v": image_transform(tower.image_spec)},
         model.num_image_tokens,
     )
     return model, proc
@@ -61,7 +63,7 @@ def test_select_layer_is_the_penultimate_block(tokenizer):
     model, proc = make(tokenizer)
     pix = batch_of(proc)["pixel_values"]
     states = model.vision_tower(pix)
-    expected = model.connector(states[-2][:, model.vision_tower.num_prefix_tokens:])
+    expected = model.connector(states[-2][:, model.vision_tower.num_prefix_tokens :])
     assert torch.allclose(model.encode_images(pix), expected, atol=1e-6)
 
 
@@ -78,7 +80,9 @@ def test_loss_equals_full_logits_loss_on_labelled_tokens(tokenizer):
     loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})["loss"]
     logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])["logits"]
     ref = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
     )
     assert torch.allclose(loss, ref, atol=1e-5)
 
@@ -88,22 +92,35 @@ def test_generate_greedy_matches_manual_argmax_decoding(tokenizer):
     model, proc = make(tokenizer)
     model.eval()
     batch = batch_of(proc, n=1, mode="generate")
-    out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                         max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        max_new_tokens=4,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     ids = batch["input_ids"]
     for _ in range(4):
         mask = torch.ones_like(ids)
         nxt = model(ids, mask, batch["pixel_values"])["logits"][:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
-    assert out.tolist() == ids[:, batch["input_ids"].shape[1]:].tolist()
+    assert out.tolist() == ids[:, batch["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, temperature=0.7, top_p=0.9)])
 def test_generate_batched_beam_and_sampling(tokenizer, mode):
     model, proc = make(tokenizer)
     batch = batch_of(proc, n=3, mode="generate")
-    out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                         max_new_tokens=3, pad_token_id=0, **mode)
+    out = model.generate(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        max_new_tokens=3,
+        pad_token_id=0,
+        **mode,
+    )
     assert out.shape[0] == 3 and 1 <= out.shape[1] <= 3
 
 
@@ -118,7 +135,9 @@ def test_frozen_parts_stay_bit_identical_and_trained_parts_get_gradients(tokeniz
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = batch_of(proc)
     for _ in range(2):
-        loss = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])["loss"]
+        loss = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])[
+            "loss"
+        ]
         opt.zero_grad()
         loss.backward()
         for n, p in model.named_parameters():

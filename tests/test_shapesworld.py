@@ -18,7 +18,11 @@ SMALL = dict(seed=3, image_size=48, num_train=40, num_val=10, num_test=120, ques
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,9 @@ def scenes(world) -> dict[str, list[dict]]:
     by_id = {im["id"]: [] for im in inst["images"]}
     for a in inst["annotations"]:
         x, y, w, h = a["bbox"]
-        by_id[a["image_id"]].append({"color": a["color"], "shape": cats[a["category_id"]], "x0": x, "x1": x + w, "ann": a})
+        by_id[a["image_id"]].append(
+            {"color": a["color"], "shape": cats[a["category_id"]], "x0": x, "x1": x + w, "ann": a}
+        )
     return {f"images/{im['file_name']}": by_id[im["id"]] for im in inst["images"]}
 
 
@@ -60,7 +66,9 @@ def _expected(question: str, objs: list[dict]) -> str | None:
         return "yes" if any((o["color"], o["shape"]) == (m[1], m[2]) for o in objs) else "no"
     if question == "Describe the image briefly.":
         names = [f"{o['color']} {o['shape']}" for o in sorted(objs, key=lambda o: o["x0"] + o["x1"])]
-        return {1: "a {}", 2: "a {} left of a {}"}.get(len(names), ", ".join(["a {}"] * (len(names) - 1)) + " and a {} from left to right").format(*names)
+        return {1: "a {}", 2: "a {} left of a {}"}.get(
+            len(names), ", ".join(["a {}"] * (len(names) - 1)) + " and a {} from left to right"
+        ).format(*names)
     raise AssertionError(f"unexpected question {question!r}")
 
 
@@ -80,7 +88,7 @@ def test_every_answer_matches_its_scene(world, scenes):
             assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
             assert conv[0]["value"].startswith("<image>\n")
             assert not any("<image>" in t["value"] for t in conv[1:])
-            for h, g in zip(conv[::2], conv[1::2]):
+            for h, g in zip(conv[::2], conv[1::2], strict=True):
                 assert _expected(h["value"].removeprefix("<image>\n"), objs) == g["value"], (rec["id"], h, g)
                 n += 1
     assert n > 500
@@ -110,7 +118,9 @@ def test_eval_splits_one_question_per_record_and_balanced_answers(world):
 
 
 def test_single_turn_train_records(tmp_path):
-    root = generate(ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "multi_turn": False, "questions_per_image": 3}))
+    root = generate(
+        ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "multi_turn": False, "questions_per_image": 3})
+    )
     train = json.loads((root / "llava_train.json").read_text())
     assert all(len(r["conversations"]) == 2 and r["qtype"] == r["qtypes"][0] for r in train)
     assert len(train) == 3 * SMALL["num_train"]
@@ -118,7 +128,10 @@ def test_single_turn_train_records(tmp_path):
 
 def test_caption_formats(world):
     pre = json.loads((world / "llava_pretrain.json").read_text())
-    assert len(pre) == SMALL["num_train"] and pre[0]["conversations"][0] == {"from": "human", "value": "<image>"}
+    assert len(pre) == SMALL["num_train"] and pre[0]["conversations"][0] == {
+        "from": "human",
+        "value": "<image>",
+    }
     for split, n in (("train", 40), ("val", 10), ("test", 120)):
         coco = json.loads((world / "annotations" / f"captions_{split}.json").read_text())
         ids = {im["id"] for im in coco["images"]}
@@ -138,7 +151,9 @@ def test_refs_masks_and_unique_expressions(world, scenes):
         x, y, w, h = a["bbox"]
         xy = a["segmentation"][0]
         assert a["area"] > 0 and w > 0 and h > 0 and 0 <= x and x + w <= 48 and 0 <= y and y + h <= 48
-        assert all(x - 1e-6 <= px <= x + w + 1e-6 for px in xy[0::2]) and all(y - 1e-6 <= py <= y + h + 1e-6 for py in xy[1::2])
+        assert all(x - 1e-6 <= px <= x + w + 1e-6 for px in xy[0::2]) and all(
+            y - 1e-6 <= py <= y + h + 1e-6 for py in xy[1::2]
+        )
     refs = json.loads((world / "refs" / "refs.json").read_text())
     image_of = {im["id"]: f"images/{im['file_name']}" for im in inst["images"]}
     assert refs

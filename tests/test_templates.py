@@ -76,7 +76,7 @@ def test_plain_template_targets_only_the_caption(tokenizer):
     conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle"}]
     item = proc({"image": Image.new("RGB", (8, 8)), "conversations": conv})
     ids, labels = item["input_ids"], item["labels"]
-    (a, b), = labelled_spans(labels)
+    ((a, b),) = labelled_spans(labels)
     assert tokenizer.decode(ids[a:b], skip_special_tokens=True).strip() == "a red circle"
     assert int(ids[b - 1]) == tokenizer.eos_token_id and b == len(ids)
     assert "Describe" not in tokenizer.decode(ids)

@@ -17,7 +17,10 @@ def answer(module: VLMLitModule, image: Image.Image, questions: list[str], **gen
     proc = module.processor
     items = [
         proc(
-            {"image": image, "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": ""}]},
+            {
+                "image": image,
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": ""}],
+            },
             mode="generate",
         )
         for q in questions

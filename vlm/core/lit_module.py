@@ -169,8 +169,13 @@ class VLMLitModule(L.LightningModule):
         for i in range(min(room, bs)):
             question = self.tokenizer.decode(batch["input_ids"][i], skip_special_tokens=True)
             self._samples.append(
-                {"id": batch["id"][i], "qtype": qtypes[i], "prompt": question.replace(IMAGE_TOKEN, ""),
-                 "prediction": preds[i], "answer": batch["answer"][i]}
+                {
+                    "id": batch["id"][i],
+                    "qtype": qtypes[i],
+                    "prompt": question.replace(IMAGE_TOKEN, ""),
+                    "prediction": preds[i],
+                    "answer": batch["answer"][i],
+                }
             )
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -206,7 +211,9 @@ class VLMLitModule(L.LightningModule):
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger":
                 cols = list(samples[0])
-                logger.log_table(f"{stage}/predictions", columns=cols, data=[[s[c] for c in cols] for s in samples])
+                logger.log_table(
+                    f"{stage}/predictions", columns=cols, data=[[s[c] for c in cols] for s in samples]
+                )
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

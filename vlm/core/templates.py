@@ -84,7 +84,9 @@ class ChatTemplate:
         if not messages:
             return ""
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=gen,
+            messages,
+            tokenize=False,
+            add_generation_prompt=gen,
             chat_template=self.chat_template,
             **self.template_vars,
         )
@@ -131,9 +133,7 @@ VICUNA_SYSTEM = (
 )
 
 
-def build_template(
-    name: str, tokenizer: PreTrainedTokenizerBase, system: str | None = None
-) -> Template:
+def build_template(name: str, tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> Template:
     """``plain`` (pretrain), ``chat`` (the tokenizer's own template), ``vicuna_v1`` (LLaVA-1.5's
     conversation format, for base LLMs without a template), ``auto`` (chat if the tokenizer
     has a template, else vicuna_v1)."""
