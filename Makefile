@@ -25,12 +25,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create the venv and install the package with dev tools (once; again when pyproject changes)
 
-# The default run: LLaVA's two stages on ShapesWorld, stage 2 starting from stage 1's last.ckpt.
+# The default run: LLaVA's stages on ShapesWorld, each starting from the last one's last.ckpt:
+# captions of one object, captions of one or two, then visual instruction tuning.
 RUN := logs/llava_shapes/$(shell date +%Y-%m-%d_%H-%M-%S)
-train: setup ## Train the default experiment, stage 1 then 2 (ARGS='<overrides for both>')
+train: setup ## Train the default experiment, stages 1, 1b and 2 (ARGS='<overrides for all>')
 	$(BIN)/vlm-train experiment=llava_shapes_stage1 hydra.run.dir=$(RUN)/stage1 $(ARGS)
-	$(BIN)/vlm-train experiment=llava_shapes hydra.run.dir=$(RUN)/stage2 \
+	$(BIN)/vlm-train experiment=llava_shapes_stage1b hydra.run.dir=$(RUN)/stage1b \
 		stage.init_from=$(RUN)/stage1/checkpoints/last.ckpt $(ARGS)
+	$(BIN)/vlm-train experiment=llava_shapes hydra.run.dir=$(RUN)/stage2 \
+		stage.init_from=$(RUN)/stage1b/checkpoints/last.ckpt $(ARGS)
 	@echo "checkpoint: $(RUN)/stage2/checkpoints/last.ckpt"
 
 test: export HF_HUB_OFFLINE := 1
