@@ -94,7 +94,9 @@ def test_tiny_preset_builds_every_tower(name):
     assert states[-1].shape == (1, tower.num_prefix_tokens + tower.num_patches, tower.hidden_size)
 
 
-@pytest.mark.parametrize("name", ["tiny_clip", "tiny_siglip", "tiny_dinov2", "tiny_timm_vit", "tiny_hybrid_vit"])
+@pytest.mark.parametrize(
+    "name", ["tiny_clip", "tiny_siglip", "tiny_dinov2", "tiny_timm_vit", "tiny_hybrid_vit"]
+)
 def test_every_tower_parameter_gets_a_gradient(name):
     """Heads, final norms and mask tokens are dropped: an unfrozen tower under DDP has no
     parameter that stays without a gradient."""
