@@ -10,7 +10,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.cli import CONF_DIR
+from vlm.cli.common import CONFIG_DIR
 from vlm.core.lit_module import VLMLitModule
 
 
@@ -26,7 +26,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return {key: value for loader in run(module, datamodule=datamodule) for key, value in loader.items()}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     if not cfg.ckpt:
         raise SystemExit("usage: vlm-eval ckpt=<path.ckpt> [split=test|val] [data.<key>=...]")

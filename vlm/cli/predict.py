@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from PIL import Image
 
-from vlm.cli import CONF_DIR
+from vlm.cli.common import CONFIG_DIR
 from vlm.core.lit_module import VLMLitModule
 
 
@@ -31,7 +31,7 @@ def answer(module: VLMLitModule, image: Image.Image, questions: list[str], **gen
     return module.generate(batch, **generation)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     if not cfg.ckpt or not cfg.image or not cfg.question:
         raise SystemExit("usage: vlm-predict ckpt=<path.ckpt> image=<image file> question='...'")

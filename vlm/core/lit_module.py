@@ -5,12 +5,14 @@ optimiser set-up and self-contained checkpoints. A family only says how to build
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer
 
 from vlm.core.metrics import VQAAccuracy
 from vlm.core.optim import configure_optimizers
@@ -19,6 +21,7 @@ from vlm.core.processor import VLMProcessor, image_transform
 from vlm.core.recipes import PartTune, apply_tune
 from vlm.core.templates import build_template
 from vlm.core.tokenizer import IMAGE_TOKEN
+from vlm.core.zoo.llms import decoder_layers
 
 SHAPESWORLD_QTYPES = ["caption", "color", "shape", "count", "position", "exists"]
 
@@ -76,8 +79,6 @@ class VLMLitModule(L.LightningModule):
         return {"vision_tower": m.vision_tower, "connector": m.connector, "llm": m.llm}
 
     def blocks_of(self, name: str):
-        from vlm.core.zoo.llms import decoder_layers
-
         if name == "vision_tower":
             return self.model.vision_tower.blocks
         if name == "llm":
@@ -270,18 +271,12 @@ def checkpoint_tokenizer(path: str | Path):
 
 
 def tokenizer_to_dict(tokenizer) -> dict[str, str]:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
 
 
 def tokenizer_from_dict(files: dict[str, str]):
-    import tempfile
-
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
