@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vlm-setup.stamp
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
 
-.PHONY: help setup train test test-full lint bench clean
+.PHONY: help setup train sweep-calm test test-full lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,17 @@ train: setup ## Train the default experiment, stages 1, 1b and 2 (ARGS='<overrid
 	$(BIN)/vlm-train experiment=llava_shapes hydra.run.dir=$(RUN)/stage2 \
 		stage.init_from=$(RUN)/stage1b/checkpoints/last.ckpt $(ARGS)
 	@echo "checkpoint: $(RUN)/stage2/checkpoints/last.ckpt"
+
+# CALM's ablation (sweeps/calm_layers_heads.yaml, 48 jobs) and its CLIP-only baseline in one
+# folder, then the table: every job, and test accuracy by layers x fusion (mean over heads).
+SWEEP_CALM := logs/sweep_calm/$(shell date +%Y-%m-%d_%H-%M-%S)
+sweep-calm: setup ## CALM layers x heads x fusion on ShapesWorld + CLIP-only baseline, and the report
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name calm_layers_heads \
+		hydra.sweep.dir=$(SWEEP_CALM)/calm $(ARGS)
+	$(BIN)/vlm-train -m experiment=calm_shapes_clip_only task_name=sweep_calm \
+		hydra.sweep.dir=$(SWEEP_CALM)/clip_only $(ARGS)
+	$(BIN)/vlm-report $(SWEEP_CALM) --metric test/acc \
+		--rows family.model.calm.num_layers --cols family.model.calm.fusion
 
 test: export HF_HUB_OFFLINE := 1
 test: setup ## Run the fast tests (not slow, not gpu)

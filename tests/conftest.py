@@ -1,8 +1,12 @@
 """Shared test setup: no hub downloads, few threads, a fresh temp workspace."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "apps"))  # train_probes, for Hydra _target_ lookups
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,3 +25,19 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shapesworld(tmp_path_factory) -> Path:
+    """``paths.data_dir`` holding the tiny ShapesWorld, generated once through the data config."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from runs import compose_run, data_overrides
+
+    data_dir = tmp_path_factory.mktemp("data")
+    cfg = compose_run(data_overrides(data_dir), tmp_path_factory.mktemp("gen"))
+    try:
+        hydra.utils.instantiate(cfg.data).prepare_data()
+    finally:
+        HydraConfig.instance().cfg = None
+    return data_dir

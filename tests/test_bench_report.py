@@ -108,9 +108,18 @@ def test_bench_tiny_cpu(tmp_path):
     assert result["mfu"] is None and result["peak_bf16_tflops"] is None
     assert result["peak_memory_kind"] == "cpu_peak_rss" and result["peak_memory_gib"] > 0
     assert result["generate"]["new_tokens"] == 4 and result["generate"]["ms_per_batch"] > 0
+    assert result["generate"]["encode_ms_per_image"] > 0
     assert result["overrides"][0] == "trainer=cpu" and "bench.steps=2" in result["overrides"]
     assert result["versions"]["torch"] and result["device"]
     assert "tokens/s" in stdout
+
+
+def test_bench_of_a_two_tower_family_feeds_each_tower_and_splits_its_parameters(tmp_path):
+    result, stdout = run_bench(tmp_path / "bench", "trainer=cpu", "experiment=calm_shapes")
+    params = result["parameters"]
+    assert params["calm"]["trainable"] == params["calm"]["total"] > 0
+    assert params["anchor"]["trainable"] == params["augmenting"]["trainable"] == 0
+    assert result["generate"]["encode_ms_per_image"] > 0 and "encode images" in stdout
 
 
 @pytest.mark.gpu

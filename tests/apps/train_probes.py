@@ -70,3 +70,23 @@ class Preempt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.at_step:
             raise Preempted(f"pre-empted at step {self.at_step}")
+
+
+class PartHashes(L.Callback):
+    """``parts_rank<r>.json``: for each named submodule of the LightningModule, the hash of
+    its weights when fitting starts and when it ends (what trained, what stayed bit-identical)."""
+
+    def __init__(self, parts: Mapping[str, str]) -> None:
+        self.parts = dict(parts)  # label -> dotted path in the LightningModule
+        self.start: dict[str, str] = {}
+
+    def _hashes(self, pl_module) -> dict[str, str]:
+        return {label: state_sha(pl_module.get_submodule(p).state_dict()) for label, p in self.parts.items()}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start = self._hashes(pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        record = {"start": self.start, "end": self._hashes(pl_module)}
+        path = Path(trainer.default_root_dir) / f"parts_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(record))

@@ -78,7 +78,8 @@ class StepMeter(L.Callback):
 
 class GenerationMeter(L.Callback):
     """Greedy decoding of exactly ``new_tokens`` (EOS suppressed until then) with the KV cache,
-    under the trainer's autocast: one untimed call, then ``repeats`` timed ones."""
+    under the trainer's autocast: one untimed call, then ``repeats`` timed ones. Image encoding
+    alone (tower + connector) is timed the same way: what a composite tower adds per image."""
 
     def __init__(self, batch: dict, new_tokens: int, repeats: int, pad_token_id: int, eos_token_id: int):
         self.batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
@@ -88,6 +89,7 @@ class GenerationMeter(L.Callback):
         )  # fmt: skip
         self.repeats = repeats
         self.times: list[float] = []
+        self.encode_times: list[float] = []
         self.new_tokens = 0  # as produced, checked against the request
         self.peak_memory: tuple[int, str] = (0, "")
 
@@ -96,6 +98,13 @@ class GenerationMeter(L.Callback):
         batch = move_data_to_device(self.batch, device)
         pl_module.eval()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
+            pl_module.model.encode_images(batch["pixel_values"])
+            for _ in range(self.repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                pl_module.model.encode_images(batch["pixel_values"])
+                synchronize(device)
+                self.encode_times.append(time.perf_counter() - start)
             out = pl_module.model.generate(**batch, **self.kwargs)  # (B, new_tokens)
             self.new_tokens = out.shape[1]
             reset_peak_memory(device)

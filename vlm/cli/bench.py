@@ -179,6 +179,7 @@ def generation_figures(generation: GenerationMeter, prompts: dict) -> dict[str, 
         "repeats": len(generation.times),
         "ms_per_batch": 1000 * seconds,
         "tokens_per_s": batch_size * generation.new_tokens / seconds,
+        "encode_ms_per_image": 1000 * statistics.fmean(generation.encode_times) / batch_size,
         "peak_memory_gib": generation.peak_memory[0] / GIB,
     }
 
@@ -201,6 +202,7 @@ def print_figures(r: dict[str, Any], console: Console | None = None) -> None:
         ("peak memory", f"{r['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})"),
         ("generate", f"{g['ms_per_batch']:.1f} ms per batch of {g['batch_size']} x {g['new_tokens']} tokens"),
         ("generate tokens/s", _rate(g["tokens_per_s"])),
+        ("encode images", f"{g['encode_ms_per_image']:.2f} ms per image (batch of {g['batch_size']})"),
     ]
     table = Table(title="vlm-bench")
     table.add_column("figure")

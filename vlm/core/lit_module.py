@@ -59,8 +59,11 @@ class VLMLitModule(L.LightningModule):
             raise ValueError("a tokenizer is needed to build the model (vocabulary, <image> id)")
         self.tokenizer = tokenizer
         self.model = self.build_model(hp.model, tokenizer)
-        if gradient_checkpointing:
-            self.model.llm.gradient_checkpointing_enable({"use_reentrant": False})
+        if gradient_checkpointing:  # non-reentrant: frozen inputs still pass gradients on
+            self.model.llm.activation_checkpointing_enable({"use_reentrant": False})
+            tower_checkpointing = getattr(self.model.vision_tower, "gradient_checkpointing_enable", None)
+            if tower_checkpointing:  # composite towers that run trained modules inside
+                tower_checkpointing()
         self.apply_recipe(hp.tune)
         if init_from:
             self.load_init(init_from)

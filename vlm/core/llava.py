@@ -62,20 +62,13 @@ class LlavaModel(nn.Module):
                 part.eval()
         return self
 
-    def tower_states(self, pixel_values: Tensor, upto: int) -> list[Tensor]:
+    def tower_states(self, pixel_values: Tensor | dict[str, Tensor], upto: int) -> list[Tensor]:
         """Hidden states 0..``upto`` of the tower via its explicit block loop: blocks past
         ``upto`` are never run, and a frozen tower runs without autograd."""
         tower = self.vision_tower
         trainable = any(p.requires_grad for p in tower.parameters())
-        ctx = contextlib.nullcontext() if trainable else torch.no_grad()
-        dtype = next(tower.parameters()).dtype
-        with ctx:
-            h = tower.embed(pixel_values.to(dtype))
-            states = [h]
-            for i in range(upto):
-                h = tower.run_block(i, h)
-                states.append(h)
-        return states
+        with contextlib.nullcontext() if trainable else torch.no_grad():
+            return tower.states(pixel_values, upto)
 
     def select(self, h: Tensor) -> Tensor:
         if self.select_feature == "patch":

@@ -49,12 +49,18 @@ class VisionTower(nn.Module):
         """Block ``i`` (0-based): (B, T, D) -> (B, T, D)."""
         return self.blocks[i](h)
 
-    def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        """[h0, h1, ..., hN], each (B, T, D), as HF's ``hidden_states``."""
-        states = [self.embed(pixel_values)]
-        for i in range(self.depth):
+    def states(self, pixel_values: Tensor, upto: int) -> list[Tensor]:
+        """[h0, ..., h_upto]: blocks past ``upto`` are never run. A composite tower (CALM)
+        overrides this with its own loop; callers only see the states."""
+        param = next(self.parameters())
+        states = [self.embed(pixel_values.to(param.dtype))]
+        for i in range(upto):
             states.append(self.run_block(i, states[-1]))
         return states
+
+    def forward(self, pixel_values: Tensor) -> list[Tensor]:
+        """[h0, h1, ..., hN], each (B, T, D), as HF's ``hidden_states``."""
+        return self.states(pixel_values, self.depth)
 
 
 def _drop(model: nn.Module, path: str) -> None:
