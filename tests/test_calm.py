@@ -9,11 +9,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 from PIL import Image
-from runs import data_overrides, metrics_rows, one_thread, run_train, steps
+from runs import cli, data_overrides, metrics_rows, one_thread, run_train, steps
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR
+from vlm.cli.common import PROJECT_ROOT as ROOT
 from vlm.core.zoo.encoders import build_vision_tower
 from vlm.families.calm.composition import CompositionModule, attention_entropy
 from vlm.families.calm.layers import augmenting_layer, composition_layers
@@ -291,3 +293,20 @@ def test_calm_shapes_trains_what_the_recipe_says_and_logs_module_health(tower_tu
     grad = [float(r[f"calm/grad_norm_{m}"]) for r in rows for m in modules if r.get(f"calm/grad_norm_{m}")]
     assert len(grad) == 2 * len(modules)  # steps 0 and 2
     assert all(g > 0 for g in grad) if tower_tune == "calm" else all(g == 0 for g in grad)
+
+
+def test_the_sweep_file_defines_the_48_job_grid_over_calm_shapes(tmp_path):
+    proc = cli(
+        "vlm-train",
+        ["--config-dir", "sweeps", "--config-name", "calm_layers_heads", "--cfg", "all"],
+        ROOT,
+        120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = OmegaConf.create(proc.stdout)
+    params = cfg.hydra.sweeper.params
+    grid = [len(str(v).split(",")) for v in params.values()]
+    assert dict(zip(params, grid, strict=True)) == {
+        "family.model.calm.num_layers": 4, "family.model.calm.num_heads": 4, "family.model.calm.fusion": 3,
+    }  # fmt: skip
+    assert cfg.hydra.runtime.choices.experiment == "calm_shapes" and cfg.task_name == "sweep_calm"
