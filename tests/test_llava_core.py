@@ -3,8 +3,11 @@ labelled tokens, generation uses the KV cache, and recipes train exactly what th
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from vlm.cli.build import build_module
+from vlm.cli.common import CONFIG_DIR
 from vlm.core.connectors import Connector
 from vlm.core.llava import LlavaModel
 from vlm.core.processor import VLMProcessor, image_transform
@@ -149,6 +152,15 @@ def test_frozen_parts_stay_bit_identical_and_trained_parts_get_gradients(tokeniz
     for k, v in before.items():
         trained = k.startswith(("connector.", f"llm.model.layers.{last}."))
         assert torch.equal(v, after[k]) != trained, k
+
+
+def test_a_frozen_part_is_in_eval_mode_once_the_module_is_built(tokenizer):
+    """Lightning keeps the modes it finds when fitting starts: the recipe must set them."""
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["stage=pretrain"])
+    model = build_module(cfg, tokenizer).model
+    assert not model.vision_tower.training and not model.llm.training
+    assert model.connector.training
 
 
 def test_lora_trains_only_adapters_and_keeps_base_output_at_init(tokenizer):

@@ -101,6 +101,7 @@ class VLMLitModule(L.LightningModule):
             apply_tune(part, PartTune(**(tune.get(name) or {"type": "frozen"})), self.blocks_of(name), name)
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError("the recipe trains nothing: every part is frozen")
+        self.model.train(self.training)  # frozen parts to eval now: Lightning keeps the modes it finds
 
     def load_init(self, path: str) -> None:
         """Initialise from an earlier stage's checkpoint (stage 2 from stage 1): every tensor

@@ -105,7 +105,6 @@ class CalmModule(VLMLitModule):
                 )
             tune = {p: {"type": t} for p, t in zip(TOWER_PARTS, SHORTHAND[kind], strict=True)} | tune
         super().apply_recipe(tune)
-        self.model.train(self.model.training)  # frozen towers to eval mode now, not at fit
 
     def image_transforms(self) -> dict:
         """Each tower its own size, mean and std (CLIP and DINOv2 normalise differently)."""
