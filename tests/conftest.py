@@ -4,14 +4,17 @@ import os
 import sys
 from pathlib import Path
 
+import hydra
 import pytest
+from hydra.core.hydra_config import HydraConfig
 
-sys.path.insert(0, str(Path(__file__).parent / "apps"))  # train_probes, for Hydra _target_ lookups
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent / "apps"))  # train_probes, for Hydra _target_ lookups
+
+from runs import compose_run, data_overrides  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,10 +33,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shapesworld(tmp_path_factory) -> Path:
     """``paths.data_dir`` holding the tiny ShapesWorld, generated once through the data config."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from runs import compose_run, data_overrides
-
     data_dir = tmp_path_factory.mktemp("data")
     cfg = compose_run(data_overrides(data_dir), tmp_path_factory.mktemp("gen"))
     try:
