@@ -18,3 +18,18 @@ CONFIG_DIR = str(PROJECT_ROOT / "conf")
 
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 register_schemas()
+
+
+def quote_numeric_options(argv: list[str], config_dir: str = CONFIG_DIR) -> list[str]:
+    """``layers=18`` as Hydra needs it, ``layers='18'``: an option named by a number (the
+    paper's layer set ``18``) would parse as an int, which a config-group override rejects.
+    Sweeps (``layers=18,3-18``) are quoted item by item; other arguments pass unchanged."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        group = Path(config_dir) / key
+        if sep and group.is_dir():
+            items = value.split(",")
+            value = ",".join(f"'{v}'" if v.isdigit() and (group / f"{v}.yaml").exists() else v for v in items)
+        out.append(f"{key}{sep}{value}")
+    return out

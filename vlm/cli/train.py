@@ -6,12 +6,14 @@ orders the steps (the tokenizer needs the data's text, the data needs the model'
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.cli.build import build_module, build_tokenizer
-from vlm.cli.common import CONFIG_DIR
+from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.core.runtime.callbacks import instantiate_callbacks
 from vlm.core.runtime.config_io import print_config_tree, save_resolved_config
 from vlm.core.runtime.identity import run_identity
@@ -53,9 +55,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+
+
+def main() -> None:
+    """``vlm-train``: Hydra's own command line, with number-named options quoted for it."""
+    sys.argv = quote_numeric_options(sys.argv)
+    _main()
 
 
 if __name__ == "__main__":

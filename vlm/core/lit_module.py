@@ -126,6 +126,14 @@ class VLMLitModule(L.LightningModule):
     def parameter_rows(self) -> list[dict]:
         return parameter_rows(self.parts())
 
+    def log_now(self, metrics: dict) -> None:
+        """Straight to the loggers at this step: ``self.log`` would repeat a step's value on the
+        steps in between, which a once-every-N-steps probe must not do."""
+        if metrics:
+            values = {k: float(v) for k, v in metrics.items()}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
+
     def on_fit_start(self) -> None:
         rows = self.parameter_rows()
         if self.trainer.is_global_zero:

@@ -127,7 +127,7 @@ class CalmModule(VLMLitModule):
         for layer, m in self.tower.calm.items():
             if m.entropy is not None:
                 entropy[f"calm/entropy_{layer}"], m.entropy = m.entropy, None
-        self._log_now(entropy)
+        self.log_now(entropy)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -139,12 +139,4 @@ class CalmModule(VLMLitModule):
         for layer, m in self.tower.calm.items():
             grads = [p.grad.norm() for p in m.parameters() if p.grad is not None]
             norms[f"calm/grad_norm_{layer}"] = torch.linalg.vector_norm(torch.stack(grads)) if grads else 0.0
-        self._log_now(norms)
-
-    def _log_now(self, metrics: dict) -> None:
-        """Straight to the loggers at this step: ``self.log`` would repeat a step's value on the
-        steps in between, which a once-every-N-steps probe must not do."""
-        if metrics:
-            values = {k: float(v) for k, v in metrics.items()}
-            for logger in self.loggers:
-                logger.log_metrics(values, step=self.global_step)
+        self.log_now(norms)
