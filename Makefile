@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vlm-setup.stamp
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
 
-.PHONY: help setup train sweep-calm test test-full lint bench clean
+.PHONY: help setup train sweep-calm sweep-mlvf test test-full lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,17 @@ sweep-calm: setup ## CALM layers x heads x fusion on ShapesWorld + CLIP-only bas
 		hydra.sweep.dir=$(SWEEP_CALM)/clip_only $(ARGS)
 	$(BIN)/vlm-report $(SWEEP_CALM) --metric test/acc \
 		--rows family.model.calm.num_layers --cols family.model.calm.fusion
+
+# Layer fusion's ablation (sweeps/mlvf_grid.yaml: 4 strategies x 6 layer sets) and plain LLaVA on
+# the same tiny model, one job after another; then the 4x6 table (markdown, CSV) and heatmap.
+# On a SLURM cluster: ARGS='hydra/launcher=slurm trainer=gpu' (one job per cell).
+SWEEP_MLVF := logs/sweep_mlvf/$(shell date +%Y-%m-%d_%H-%M-%S)
+sweep-mlvf: setup ## Layer fusion strategies x layer sets on ShapesWorld + plain LLaVA, and the report
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name mlvf_grid \
+		hydra.sweep.dir=$(SWEEP_MLVF)/mlvf $(ARGS)
+	$(BIN)/vlm-train -m experiment=mlvf_shapes family=llava task_name=sweep_mlvf \
+		hydra.sweep.dir=$(SWEEP_MLVF)/llava $(ARGS)
+	$(BIN)/vlm-report $(SWEEP_MLVF) --metric test/acc --rows fusion --cols layers
 
 test: export HF_HUB_OFFLINE := 1
 test: setup ## Run the fast tests (not slow, not gpu)

@@ -24,27 +24,32 @@ JOBS = {
 }
 
 
+def write_job(job: Path, num: int, overrides: list, config: dict, choices: dict, evals) -> None:
+    (job / ".hydra").mkdir(parents=True)
+    hydra = {"hydra": {"job": {"num": num}, "runtime": {"choices": choices}}}
+    for name, data in (("overrides", overrides), ("config", config), ("hydra", hydra)):
+        (job / ".hydra" / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    if evals is None:
+        return
+    version = job / "csv" / "version_0"
+    version.mkdir(parents=True)
+    with (version / "metrics.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEADER)
+        for step, *accs in evals:
+            w.writerow([0, step, 1.5, "", "", ""])  # a training row: no val metrics
+            w.writerow([0, step, "", *accs])
+
+
 def make_multirun(root: Path) -> None:
     """Jobs as Hydra + Lightning's CSVLogger leave them; dirs named like override_dirname so
     only ``hydra.job.num`` gives the sweep order."""
     for num, (fusion, layers, evals) in JOBS.items():
-        job = root / f"fusion={fusion},layers={layers}"
-        (job / ".hydra").mkdir(parents=True)
-        overrides = [f"fusion={fusion}", f"layers={layers}", "trainer.max_steps=10"]
+        quoted = f"'{layers}'" if layers.isdigit() else layers  # as vlm-train passes layers=18 on
+        overrides = [f"fusion={fusion}", f"layers={quoted}", "trainer.max_steps=10"]
         config = {"fusion": {"name": fusion}, "layers": {"name": layers}, "trainer": {"max_steps": 10}}
-        hydra = {"hydra": {"job": {"num": num}, "runtime": {"choices": {"fusion": fusion, "layers": layers}}}}
-        for name, data in (("overrides", overrides), ("config", config), ("hydra", hydra)):
-            (job / ".hydra" / f"{name}.yaml").write_text(yaml.safe_dump(data))
-        if evals is None:
-            continue
-        version = job / "csv" / "version_0"
-        version.mkdir(parents=True)
-        with (version / "metrics.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(HEADER)
-            for step, *accs in evals:
-                w.writerow([0, step, 1.5, "", "", ""])  # a training row: no val metrics
-                w.writerow([0, step, "", *accs])
+        choices = {"fusion": fusion, "layers": layers}
+        write_job(root / f"fusion={fusion},layers={layers}", num, overrides, config, choices, evals)
 
 
 def read_csv(path: Path) -> list[list[str]]:
@@ -73,6 +78,23 @@ def test_report_final_with_pivot(tmp_path, capsys):
     assert "fixed overrides: trainer.max_steps=10" in printed
     assert "| 3 | E_M | 3-18 |  |  |  |  | failed |" in printed
     assert "| E_M | 0.2500 | failed |" in printed
+
+
+def test_a_baseline_beside_the_sweep_is_listed_but_stays_out_of_the_pivot(tmp_path):
+    make_multirun(tmp_path / "sweep")
+    config = {"fusion": {"num_heads": 4}, "trainer": {"max_steps": 10}}  # no strategy: plain LLaVA
+    write_job(
+        tmp_path / "llava" / "0", 0, ["family=llava"], config, {"family": "llava"}, [(9, 0.6, 0.7, 0.5)]
+    )
+    report_main([str(tmp_path), "--rows", "fusion", "--cols", "layers"])
+    rows = read_csv(tmp_path / "report_val-acc.csv")
+    assert rows[0][:4] == ["job", "family", "fusion", "layers"]
+    assert ["llava/0", "llava", "", "", "0.6000", "0.7000", "0.5000", "9", "ok"] in rows
+    assert ["sweep/0", "", "E_D", "18", "0.7000", "0.8000", "0.6000", "9", "ok"] in rows
+    assert read_csv(tmp_path / "pivot_val-acc.csv")[1:] == [
+        ["E_D", "0.7000", "0.8000"],
+        ["E_M", "0.2500", "failed"],
+    ]
 
 
 def test_report_best(tmp_path):

@@ -109,6 +109,15 @@ def test_malformed_json_names_file_and_position(tmp_path):
         read_llava_json(bad)
 
 
+def test_jsonl_holds_one_record_per_line_and_a_bad_line_is_named(tmp_path):
+    path = tmp_path / "Cambrian737k.jsonl"
+    path.write_text('{"id": "a", "conversations": []}\n\n{"id": "b", "conversations": []}\n')
+    assert [r["id"] for r in read_llava_json(path)] == ["a", "b"]
+    path.write_text('{"id": "a", "conversations": []}\n{"id": "b",\n')
+    with pytest.raises(DataFormatError, match=r"Cambrian737k.jsonl: .* at line 2 "):
+        read_llava_json(path)
+
+
 # -- bad samples -----------------------------------------------------------------------------
 def conv(*turns: tuple[str, str]) -> list[dict]:
     return [{"from": r, "value": v} for r, v in turns]

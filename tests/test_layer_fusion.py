@@ -11,15 +11,17 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from PIL import Image
-from runs import cli, data_overrides, metrics_rows, one_thread, run_train, steps
+from runs import cli, compose_run, data_overrides, metrics_rows, one_thread, run_train, steps
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.cli.common import PROJECT_ROOT as ROOT
 from vlm.core.llava import LlavaModel
+from vlm.core.runtime.identity import run_identity
 from vlm.families.layer_fusion.layers import llm_target, resolve
 
 SETS = ["18", "3-18", "3-18-23", "former", "latter", "all"]
@@ -296,3 +298,23 @@ def test_the_layer_set_named_18_is_an_option_not_a_number_on_the_command_line():
     proc = cli("vlm-train", ["experiment=mlvf_shapes", "layers=18", "--cfg", "job"], ROOT, 120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert OmegaConf.create(proc.stdout).layers.blocks == [18]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "name", "blocks"),
+    [
+        ("mlvf_clip_mobilellama", "clip_14_558k", [3, 18, 23]),
+        ("mlvf_siglip_mobilellama_finetune", "siglip_14_665k", [3, 20, 26]),
+    ],
+)
+def test_real_experiments_carry_the_papers_run_names_and_fusion_tags(experiment, name, blocks, tmp_path):
+    try:
+        cfg = compose_run([f"experiment={experiment}"], tmp_path)
+        identity = run_identity(cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert identity.name == name
+    assert {"fusion:E_D", "layers:3-18-23"} <= set(identity.tags)
+    depth = 27 if "siglip" in experiment else 24
+    assert layer_set("3-18-23", depth).blocks == blocks
+    assert cfg.encoder.name == ("siglip_so400m" if "siglip" in experiment else "clip_vit_l14_336")

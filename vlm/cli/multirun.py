@@ -24,24 +24,32 @@ class Job:
     metrics: list[dict[str, str]] = field(default_factory=list)  # rows of metrics.csv
 
     def name(self, root: Path) -> str:
-        return str(self.num) if self.num is not None else self.path.relative_to(root).as_posix()
+        """The job number, prefixed by its sweep's folder when ``root`` holds several sweeps
+        (a grid and its baseline): ``mlvf/3``, ``llava/0``."""
+        if self.num is None:
+            return self.path.relative_to(root).as_posix()
+        sweep = self.path.parent.relative_to(root).as_posix()
+        return str(self.num) if sweep == "." else f"{sweep}/{self.num}"
 
     def value(self, key: str) -> str | None:
         """A key as the job saw it: its override, else the group choice, else the config value
-        (a sweep over ``layers`` still reports the ``fusion`` an experiment file picked)."""
+        (a sweep over ``layers`` still reports the ``fusion`` an experiment file picked); a config
+        node that is a whole section is no value."""
         if key in self.overrides:
             return self.overrides[key]
         if key in self.choices:
             return self.choices[key]
         found = OmegaConf.select(self.config, key, default=None)
-        return None if found is None else str(found)
+        return None if found is None or OmegaConf.is_config(found) else str(found)
 
 
 def parse_overrides(lines: list[str]) -> dict[str, str]:
+    """``key=value`` lines -> dict; a quoted value (``layers='18'``) loses its quotes."""
     out = {}
     for line in lines:
         key, _, value = line.partition("=")
-        out[key.lstrip("+~")] = value
+        quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+        out[key.lstrip("+~")] = value[1:-1] if quoted else value
     return out
 
 

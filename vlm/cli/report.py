@@ -63,10 +63,13 @@ def results_table(root: Path, jobs: list[Job], keys: list[str], metric: str, bes
 
 def pivot_table(jobs: list[Job], rows_key: str, cols_key: str, metric: str, best: bool, mode: str) -> Table:
     """Mean of ``metric`` per (row value, column value) over the jobs that finished; a cell
-    whose jobs all failed reads ``failed``. Values keep sweep order, as the user listed them."""
+    whose jobs all failed reads ``failed``. Values keep sweep order, as the user listed them.
+    Jobs without one of the keys (a baseline run beside the sweep) stay out of the pivot; the
+    per-job table lists them."""
     for key in (rows_key, cols_key):
         if all(j.value(key) is None for j in jobs):
             raise SystemExit(f"--rows/--cols: no job has a value for '{key}'")
+    jobs = [j for j in jobs if j.value(rows_key) is not None and j.value(cols_key) is not None]
     row_vals = list(dict.fromkeys(j.value(rows_key) for j in jobs))
     col_vals = list(dict.fromkeys(j.value(cols_key) for j in jobs))
     cells: dict[tuple, list[float | None]] = {}

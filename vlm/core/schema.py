@@ -212,6 +212,7 @@ class TrainConf:
     """Top level of ``conf/train.yaml``: run identity, switches and one field per config group."""
 
     task_name: str = "train"
+    run_name: str | None = None
     tags: list[str] = field(default_factory=list)
     seed: int | None = None
     ckpt_path: str | None = None

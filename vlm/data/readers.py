@@ -32,11 +32,27 @@ def _load_json(path: Path) -> Any:
         ) from None
 
 
+def _load_jsonl(path: Path) -> list[Any]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataFormatError(
+                    f"malformed JSON in {path}: {e.msg} at line {lineno} column {e.colno}"
+                ) from None
+    return records
+
+
 def read_llava_json(path: PathLike) -> list[dict]:
     """LLaVA-1.5 / LCS-558K / mix665k / ShareGPT4V: a JSON list of ``{"id", "image"?,
-    "conversations": [{"from": "human"|"gpt", "value"}, ...]}``; extra keys are kept."""
+    "conversations": [{"from": "human"|"gpt", "value"}, ...]}``; extra keys are kept. A
+    ``.jsonl`` file holds one such record per line (Cambrian-737k ships that way)."""
     path = Path(path)
-    data = _load_json(path)
+    data = _load_jsonl(path) if path.suffix == ".jsonl" else _load_json(path)
     if not isinstance(data, list):
         raise DataFormatError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
     return data

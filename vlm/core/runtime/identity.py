@@ -1,7 +1,8 @@
 """A run's name, tags and group, read from the options Hydra composed.
 
 The name joins the chosen model and data options, ``{family}_{encoder}_{llm}_{data}``, so a
-wandb table reads like the seed papers' tables; the tags are the chosen options as
+wandb table reads like the seed papers' tables (an experiment may set ``run_name`` to the
+seed's own, e.g. ``siglip_14_665k``); the tags are the chosen options as
 ``group:option`` (filterable; bookkeeping groups aside), plus the config's own ``tags``. A
 multirun job gets its sweep folder as group and its job number in the name, so the runs of
 one ablation sit together.
@@ -50,7 +51,7 @@ def run_identity(cfg: DictConfig) -> RunIdentity:
         return RunIdentity(name=task_name, tags=user_tags)
     hc = HydraConfig.get()
     choices = dict(hc.runtime.choices)
-    name = run_name(choices, fallback=task_name)
+    name = cfg.get("run_name") or run_name(choices, fallback=task_name)
     group = None
     if hc.mode == RunMode.MULTIRUN:
         name = f"{name}-{hc.job.num}"
