@@ -181,6 +181,30 @@ def test_internal_injection_runs_at_prefill_and_decode_matches_a_full_forward(st
     assert decode and all(decode) == (strategy == "I_M") and any(decode) == (strategy == "I_M")
 
 
+# the experiment's Llama shape removed: each LLM at its own tiny preset
+OWN_PRESET = [
+    f"~llm.{k}"
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "initializer_range", "tie_word_embeddings")
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("llm", ["tiny_qwen2", "tiny_qwen3", "tiny_gpt2", "tiny_gpt_neo"])
+def test_internal_fusion_hooks_other_decoders_the_same_way(llm):
+    module = fusion_module("I_M", "3-18-23", f"llm={llm}", *OWN_PRESET)
+    open_gates(module)
+    m = module.model
+    batch = vqa_batch(module)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    with torch.no_grad():
+        plain = LlavaModel(m.vision_tower, m.connector, m.llm, m.image_token_id)(*args)[
+            "logits"
+        ]  # no context yet
+        assert not torch.allclose(m(*args)["logits"], plain, atol=1e-3)
+        cached, full = cached_and_recomputed_logits(module)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
 def test_a_text_only_sample_keeps_its_states_under_internal_fusion():
     module = fusion_module("I_M")
     open_gates(module)
