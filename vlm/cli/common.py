@@ -27,7 +27,7 @@ def quote_numeric_options(argv: list[str], config_dir: str = CONFIG_DIR) -> list
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        group = Path(config_dir) / key
+        group = Path(config_dir) / key.lstrip("+~")
         if sep and group.is_dir():
             items = value.split(",")
             value = ",".join(f"'{v}'" if v.isdigit() and (group / f"{v}.yaml").exists() else v for v in items)
