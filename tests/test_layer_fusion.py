@@ -20,6 +20,7 @@ from runs import cli, compose_run, data_overrides, metrics_rows, one_thread, run
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.cli.common import PROJECT_ROOT as ROOT
+from vlm.core.lit_module import VLMLitModule
 from vlm.core.llava import LlavaModel
 from vlm.core.runtime.identity import run_identity
 from vlm.families.layer_fusion.layers import llm_target, resolve
@@ -302,6 +303,17 @@ def test_mlvf_shapes_trains_fusion_and_keeps_the_tower_bit_identical(strategy, l
     assert gates and all(k.startswith("fusion/gate_") for k in gates)
     resolved = OmegaConf.load(tmp_path / "resolved_config.yaml")
     assert resolved.fusion.strategy == strategy and resolved.layers.name == layers
+    # the checkpoint rebuilds the fused model: trained gates, and hooks live again for I_M
+    loaded = VLMLitModule.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert all(abs(v) > 0 for v in loaded.model.fusion.gates().values())
+    m, batch = loaded.model, vqa_batch(loaded)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    with torch.no_grad():
+        plain = LlavaModel(m.vision_tower, m.connector, m.llm, m.image_token_id)(*args)[
+            "logits"
+        ]  # before any context
+        if strategy == "I_M":  # same parts, no fusion: must differ
+            assert not torch.allclose(m(*args)["logits"], plain, atol=1e-4)
 
 
 def test_the_sweep_file_defines_the_4x6_grid_over_mlvf_shapes():
