@@ -354,3 +354,18 @@ def test_real_experiments_carry_the_papers_run_names_and_fusion_tags(experiment,
     depth = 27 if "siglip" in experiment else 24
     assert layer_set("3-18-23", depth).blocks == blocks
     assert cfg.encoder.name == ("siglip_so400m" if "siglip" in experiment else "clip_vit_l14_336")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_strategy_trains_under_bf16_autocast_on_the_gpu(strategy):
+    module = fusion_module(strategy).cuda().train()
+    open_gates(module)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in vqa_batch(module).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = module(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in module.model.fusion.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert module.model.connector.proj[0].weight.grad.abs().sum() > 0
