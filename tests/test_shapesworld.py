@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 from collections import Counter
@@ -124,6 +125,48 @@ def test_single_turn_train_records(tmp_path):
     train = json.loads((root / "llava_train.json").read_text())
     assert all(len(r["conversations"]) == 2 and r["qtype"] == r["qtypes"][0] for r in train)
     assert len(train) == 3 * SMALL["num_train"]
+
+
+POSITION_Q = re.compile(r"Is the (\w+ \w+) left or right of the (\w+ \w+)\?")
+
+
+def _left_pairs(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(a, b) with a left of b, for each position turn (question, answer) in order."""
+    out = []
+    for q, a in turns:
+        if m := POSITION_Q.search(q):
+            out.append((m[1], m[2]) if a == "left" else (m[2], m[1]))
+    return out
+
+
+def test_no_turn_answered_by_earlier_turns(world):
+    """A conversation never asks a pair of shapes left/right in both orders, nor a pair whose
+    order follows by transitivity from earlier turns: the answer could be read off the text."""
+    from vlm.data.shapesworld.questions import _closure, ask_many
+    from vlm.data.shapesworld.scene import sample_scene
+
+    colors, shapes = ["red", "green", "blue", "yellow", "purple"], ["circle", "square", "triangle"]
+    convs = []
+    for r in json.loads((world / "llava_train.json").read_text()):
+        c = r["conversations"]
+        convs.append([(c[i]["value"], c[i + 1]["value"]) for i in range(0, len(c), 2)])
+    scenes = [(rng, sample_scene(rng, 48, colors, shapes, 1, 4)) for rng in map(random.Random, range(300))]
+    # position-only conversations: many position turns per scene
+    convs += [[(q, a) for _, q, a in ask_many(s, rng, ["position"], 6, colors, shapes)] for rng, s in scenes]
+    long = 0
+    for turns in convs:
+        pairs = _left_pairs(turns)
+        long += len(pairs) >= 2
+        for j, (a, b) in enumerate(pairs):
+            known = _closure(set(pairs[:j]))
+            assert (a, b) not in known and (b, a) not in known, turns
+    assert long >= 50
+    # single-turn records (conversation=False) are not filtered: both orders of a pair do occur
+    single = [
+        _left_pairs([(q, a) for _, q, a in ask_many(s, rng, ["position"], 6, colors, shapes, False)])
+        for rng, s in scenes
+    ]
+    assert any(len(set(p)) < len(p) for p in single)  # the same pair, asked in the other order
 
 
 def test_caption_formats(world):

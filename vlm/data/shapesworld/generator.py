@@ -21,7 +21,7 @@ from .questions import QTYPES, ask, ask_many, captions
 from .scene import COLORS, SHAPES, render, sample_scene
 from .writers import ImageEntry, atomic_write_bytes, atomic_write_json, coco_captions, instances_and_refs, karpathy, png_bytes
 
-VERSION = 1
+VERSION = 2  # 2: a conversation asks nothing its earlier turns answer
 SPLITS = ("train", "val", "test")
 IMAGE = "<image>"
 
@@ -78,7 +78,7 @@ def _records(cfg: ShapesWorldConfig, e: ImageEntry, rng: random.Random) -> list[
     if e.split != "train":
         qas = [(qt, *qa) for qt in cfg.qtypes if (qa := ask(qt, e.scene, rng, colors, shapes))]
         return [{"id": f"{e.id}_{qt}", "image": image, "conversations": _turns([(qt, q, a)]), "qtype": qt} for qt, q, a in qas]
-    qas = ask_many(e.scene, rng, list(cfg.qtypes), cfg.questions_per_image, colors, shapes)
+    qas = ask_many(e.scene, rng, list(cfg.qtypes), cfg.questions_per_image, colors, shapes, cfg.multi_turn)
     groups = [qas] if cfg.multi_turn else [[qa] for qa in qas]
     return [
         {
