@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -33,7 +34,7 @@ from vlm.bench.device import device_name, peak_tflops
 from vlm.bench.meter import GenerationMeter, StepMeter
 from vlm.bench.synthetic import corpus, synthetic_batches
 from vlm.cli.build import build_module, build_tokenizer
-from vlm.cli.common import CONFIG_DIR
+from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.core.runtime.trainer import instantiate_trainer
 from vlm.core.schema import TrainConf
 from vlm.core.tokenizer import IGNORE_INDEX
@@ -213,7 +214,7 @@ def print_figures(r: dict[str, Any], console: Console | None = None) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="bench")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def _main(cfg: DictConfig) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     output_dir = cfg.paths.output_dir
     result = bench(cfg, output_dir)
@@ -228,6 +229,12 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"figures: {out}")
     return result
+
+
+def main() -> None:
+    """``vlm-bench``: Hydra's command line, with number-named options (``layers=18``) quoted."""
+    sys.argv = quote_numeric_options(sys.argv)
+    _main()
 
 
 if __name__ == "__main__":

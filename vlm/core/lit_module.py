@@ -48,6 +48,7 @@ class VLMLitModule(L.LightningModule):
         init_from: str | None = None,
         gradient_checkpointing: bool = False,
         num_logged_predictions: int = 16,
+        monitor_every: int = 50,
         tokenizer=None,
     ):
         super().__init__()
@@ -125,6 +126,11 @@ class VLMLitModule(L.LightningModule):
 
     def parameter_rows(self) -> list[dict]:
         return parameter_rows(self.parts())
+
+    def monitoring_step(self) -> bool:
+        """A training step on which a family's probes run (every ``monitor_every`` steps)."""
+        every = self.hparams.monitor_every
+        return self.training and every > 0 and self.global_step % every == 0
 
     def log_now(self, metrics: dict) -> None:
         """Straight to the loggers at this step: ``self.log`` would repeat a step's value on the

@@ -65,10 +65,6 @@ def build_calm(cfg: dict, tokenizer) -> LlavaModel:
 
 
 class CalmModule(VLMLitModule):
-    def __init__(self, *args, monitor_every: int = 50, **kwargs):
-        self.monitor_every = monitor_every
-        super().__init__(*args, **kwargs)
-
     def build_model(self, cfg: dict, tokenizer) -> nn.Module:
         return build_calm(cfg, tokenizer)
 
@@ -115,11 +111,8 @@ class CalmModule(VLMLitModule):
         }
 
     # -- monitoring ----------------------------------------------------------------------------
-    def _monitoring(self) -> bool:
-        return self.training and self.monitor_every > 0 and self.global_step % self.monitor_every == 0
-
     def training_step(self, batch: dict, batch_idx: int):
-        if self._monitoring():
+        if self.monitoring_step():
             for m in self.tower.calm.values():
                 m.record_entropy = True
         loss = super().training_step(batch, batch_idx)
@@ -133,7 +126,7 @@ class CalmModule(VLMLitModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Per-module gradient norm (after DDP's all-reduce): a module stuck at zero is the
         failure mode to catch."""
-        if not self._monitoring():
+        if not self.monitoring_step():
             return
         norms = {}
         for layer, m in self.tower.calm.items():

@@ -109,7 +109,6 @@ class InternalFusion(nn.Module):
 
     def _inject(self, target: int, hidden: Tensor, is_image: Tensor) -> Tensor:
         beams = hidden.shape[0] // is_image.shape[0]  # generate() expands each prompt num_beams times
-        has_image = is_image.any(1)
         if self.strategy == "I_D":
             if hidden.shape[1] != is_image.shape[1]:  # a decode step: no image tokens in it
                 return hidden
@@ -117,7 +116,7 @@ class InternalFusion(nn.Module):
             mask = is_image.repeat_interleave(beams, 0)[..., None]
             return hidden + torch.zeros_like(hidden).masked_scatter(mask, add.reshape(-1, add.shape[-1]))
         visual = self.visual(target).repeat_interleave(beams, 0)
-        rows = has_image.repeat_interleave(beams, 0)
+        rows = is_image.any(1).repeat_interleave(beams, 0)
         block = self.xattn[str(target)]
         if bool(rows.all()):
             return block(hidden, visual)

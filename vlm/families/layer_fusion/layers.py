@@ -20,13 +20,15 @@ from dataclasses import dataclass
 Group = tuple[int, ...]  # encoder blocks, 1-based; one block or a contiguous range
 
 
+def _mapped_end(i: int, depth: int, reference: int) -> int:
+    """``⌊i·N/ref + ½⌋``: where position ``i`` of a ``reference``-deep encoder falls in a
+    ``depth``-deep one (0 stays 0, so interval bounds map too)."""
+    return math.floor(i * depth / reference + 0.5)
+
+
 def map_block(i: int, depth: int, reference: int) -> int:
     """Block ``i`` of a ``reference``-deep encoder, in proportion, for a ``depth``-deep one."""
-    return min(depth, max(1, math.floor(i * depth / reference + 0.5)))
-
-
-def _mapped_end(i: int, depth: int, reference: int) -> int:
-    return math.floor(i * depth / reference + 0.5)
+    return min(depth, max(1, _mapped_end(i, depth, reference)))
 
 
 @dataclass(frozen=True)

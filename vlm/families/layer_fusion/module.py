@@ -63,10 +63,6 @@ def build_layer_fusion(cfg: dict, tokenizer) -> LayerFusionModel:
 
 
 class LayerFusionModule(VLMLitModule):
-    def __init__(self, *args, monitor_every: int = 50, **kwargs):
-        self.monitor_every = monitor_every
-        super().__init__(*args, **kwargs)
-
     def build_model(self, cfg: dict, tokenizer) -> nn.Module:
         return build_layer_fusion(cfg, tokenizer)
 
@@ -81,6 +77,5 @@ class LayerFusionModule(VLMLitModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """``fusion/gate_<name>`` = tanh of each modular gate, every ``monitor_every`` steps: a
         gate still at zero late in training means that fusion never opened."""
-        if self.monitor_every > 0 and self.global_step % self.monitor_every == 0:
-            gates = self.model.fusion.gates() if hasattr(self.model.fusion, "gates") else {}
-            self.log_now({f"fusion/gate_{k}": v for k, v in gates.items()})
+        if self.monitoring_step():
+            self.log_now({f"fusion/gate_{k}": v for k, v in self.model.fusion.gates().items()})
