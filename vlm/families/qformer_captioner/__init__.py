@@ -1,0 +1,1 @@
+"""Q-Former captioner: CLIP -> Q-Former (queries + global token) -> cross-attending GPT decoder."""
