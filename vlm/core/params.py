@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 
-def parameter_rows(parts: dict[str, nn.Module]) -> list[dict]:
-    """One row per component: total and trainable parameters (shared tensors counted once)."""
+def parameter_rows(
+    parts: dict[str, nn.Module], trains: Callable[[nn.Parameter], bool] | None = None
+) -> list[dict]:
+    """One row per component: total and trainable parameters (shared tensors counted once).
+    ``trains``: whether a parameter trains now (default ``requires_grad``)."""
+    trains = trains or (lambda p: p.requires_grad)
     rows = []
     seen: set[int] = set()
     for name, module in parts.items():
@@ -18,7 +24,7 @@ def parameter_rows(parts: dict[str, nn.Module]) -> list[dict]:
                 continue
             seen.add(id(p))
             total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            trainable += p.numel() if trains(p) else 0
         rows.append({"component": name, "total": total, "trainable": trainable})
     rows.append(
         {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlm.families.layer_fusion.gated import GatedCrossAttention, check_heads
+from vlm.core.gated import GatedCrossAttention, check_heads
 
 STRATEGIES = ("E_D", "E_M")
 

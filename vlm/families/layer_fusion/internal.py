@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vlm.families.layer_fusion.gated import GatedCrossAttention, check_heads
+from vlm.core.gated import GatedCrossAttention, check_heads
 from vlm.families.layer_fusion.layers import llm_target
 
 STRATEGIES = ("I_D", "I_M")
