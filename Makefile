@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vlm-setup.stamp
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
 
-.PHONY: help setup train sweep-calm sweep-mlvf test test-full lint bench clean
+.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer test test-full lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -57,6 +57,13 @@ sweep-mlvf: setup ## Layer fusion strategies x layer sets on ShapesWorld + plain
 	$(BIN)/vlm-train -m experiment=mlvf_shapes family=llava task_name=sweep_mlvf \
 		hydra.sweep.dir=$(SWEEP_MLVF)/llava $(ARGS)
 	$(BIN)/vlm-report $(SWEEP_MLVF) --metric test/acc --rows fusion --cols layers
+
+SWEEP_QFORMER := logs/sweep_qformer/$(shell date +%Y-%m-%d_%H-%M-%S)
+sweep-qformer: setup ## Q-Former captioner unfreezing x queries x conditioning on ShapesWorld, and the report
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name qformer_grid \
+		hydra.sweep.dir=$(SWEEP_QFORMER) $(ARGS)
+	$(BIN)/vlm-report $(SWEEP_QFORMER) --metric test/bleu4 --rows unfreeze --cols conditioning
+	$(BIN)/vlm-report $(SWEEP_QFORMER) --metric test/cider --rows unfreeze --cols conditioning
 
 test: export HF_HUB_OFFLINE := 1
 test: setup ## Run the fast tests (not slow, not gpu)

@@ -74,7 +74,8 @@ class Preempt(L.Callback):
 
 class PartHashes(L.Callback):
     """``parts_rank<r>.json``: for each named submodule of the LightningModule, the hash of
-    its weights when fitting starts and when it ends (what trained, what stayed bit-identical)."""
+    its weights when fitting starts, after each epoch and when it ends (what trained, what stayed
+    bit-identical)."""
 
     def __init__(self, parts: Mapping[str, str]) -> None:
         self.parts = dict(parts)  # label -> dotted path in the LightningModule
@@ -85,8 +86,12 @@ class PartHashes(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = self._hashes(pl_module)
+        self.epochs: list[dict[str, str]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append(self._hashes(pl_module))
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        record = {"start": self.start, "end": self._hashes(pl_module)}
+        record = {"start": self.start, "end": self._hashes(pl_module), "epochs": self.epochs}
         path = Path(trainer.default_root_dir) / f"parts_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))

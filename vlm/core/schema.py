@@ -237,6 +237,8 @@ class TrainConf:
     connector: Any = None
     fusion: Any = None
     layers: Any = None
+    conditioning: Any = None
+    unfreeze: Any = None
     data: Any = None
     stage: Any = None
     tokenizer: Any = None

@@ -3,6 +3,7 @@
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -28,6 +29,7 @@ def build_llm(
     when pretrained, ``dtype`` (default float32, so all builds agree).
     """
     entry = llm_entry(name)
+    overrides = {k: _plain(v) for k, v in overrides.items()}
     attn = overrides.pop("attn_implementation", entry.attn_implementation)
     defaults = AutoConfig.for_model(entry.model_type)
     reject_unknown(defaults, overrides, name)
@@ -47,6 +49,11 @@ def build_llm(
     arch |= _ids_inside_vocab(arch, defaults)
     config = AutoConfig.for_model(entry.model_type, **arch, attn_implementation=attn)
     return AutoModelForCausalLM.from_config(config)
+
+
+def _plain(value: Any) -> Any:
+    """Config lists (GPT-Neo's ``attention_types``) as plain lists: HF configs type-check them."""
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def _ids_inside_vocab(arch: dict[str, Any], defaults: PretrainedConfig) -> dict[str, Any]:

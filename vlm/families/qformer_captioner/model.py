@@ -1,0 +1,73 @@
+"""CLIP -> Q-Former -> decoder, on the LLaVA core: the Q-Former stands where LLaVA's connector
+stands, and the decoder reads its tokens by cross-attention or as a prefix."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from vlm.core.llava import LlavaModel
+from vlm.core.zoo.llms import decoder_layers
+from vlm.families.qformer_captioner.conditioning import CrossAttentionConditioning
+from vlm.families.qformer_captioner.qformer import QFormer
+
+
+class QFormerCaptioner(LlavaModel):
+    """``connector`` is the :class:`QFormer`; ``conditioning`` a cross-attention or prefix
+    module. With cross-attention the caption carries no image tokens at all."""
+
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        qformer: QFormer,
+        conditioning: nn.Module,
+        llm: nn.Module,
+        image_token_id: int,
+        select_layer: int = -1,
+        select_feature: str = "cls_patch",
+    ):
+        super().__init__(vision_tower, qformer, llm, image_token_id, select_layer, select_feature)
+        self.conditioning = conditioning
+        self.cross = isinstance(conditioning, CrossAttentionConditioning)
+        if self.cross:
+            conditioning.attach(decoder_layers(llm))
+
+    @property
+    def mode(self) -> str:
+        return "cross_attention" if self.cross else "prefix"
+
+    @property
+    def num_image_tokens(self) -> int:
+        return 0 if self.cross else self.connector.num_tokens
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not any(p.requires_grad for p in self.conditioning.parameters()):
+            self.conditioning.eval()
+        return self
+
+    def query_tokens(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, H, W) -> Q-Former outputs (B, 1 + Q, D_q); row 0 the global token."""
+        h = self.tower_states(pixel_values, self.select_index)[-1]
+        summary = h[:, 0] if self.vision_tower.num_prefix_tokens else None
+        return self.connector(self.select(h), summary)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """The image as the decoder reads it (B, T, D_llm): the ``<image>`` span's embeddings
+        in prefix mode, the cross-attention keys/values otherwise."""
+        return self.conditioning(self.query_tokens(pixel_values))
+
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        if not self.cross:
+            return super().embed(input_ids, pixel_values)
+        if pixel_values is not None and pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"{input_ids.shape[0]} captions but {pixel_values.shape[0]} images: "
+                "cross-attention conditioning needs one image per caption"
+            )
+        self.conditioning.set_tokens(None if pixel_values is None else self.query_tokens(pixel_values))
+        return super().embed(input_ids, None)
+
+    def record_attention(self, on: bool) -> None:
+        """Keep the Q-Former's and the decoder's cross-attention maps of the next forward."""
+        self.connector.record(on)
+        self.conditioning.record(on)
