@@ -146,6 +146,26 @@ def test_every_kth_block_and_prefix_mode():
     assert not torch.allclose(logits[0], swapped[0], atol=1e-4)
 
 
+def trained_grads(module) -> dict[str, torch.Tensor]:
+    module.train()
+    module(caption_batch(module))["loss"].backward()
+    return {n: p.grad for n, p in module.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["cross_attention", "prefix"])
+def test_every_trained_parameter_gets_the_same_gradient_with_and_without_checkpointing(mode):
+    grads = {}
+    for ckpt in (False, True):
+        module = captioner(f"conditioning={mode}", f"family.gradient_checkpointing={ckpt}", "unfreeze=all")
+        open_gates(module)  # tanh(0) passes no gradient behind the gate
+        grads[ckpt] = trained_grads(module)
+    assert grads[True].keys() == grads[False].keys()
+    assert any(k.startswith("model.connector.") for k in grads[True])  # the Q-Former learns
+    assert any(".transformer.h.0." in k for k in grads[True])  # so does the first decoder block
+    for name, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 # --- labels and decoding ------------------------------------------------------------------------
 
 
@@ -281,6 +301,50 @@ def test_train_runs_the_phases_scores_captions_and_draws_the_analysis(shapesworl
     batch = caption_batch(module, "generate", colours=("red", "blue", "green"), captions=CAPTIONS)
     assert module.generate(batch) == loaded.generate(batch)
     assert module.generate(batch, num_beams=2) == loaded.generate(batch, num_beams=2)
+    # the checkpoint as a user queries it: a caption for an image, the test scores again
+    ckpt = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), "red").save(image)
+    proc = cli("vlm-predict", [f"ckpt={ckpt}", f"image={image}"], tmp_path, 120)
+    assert proc.returncode == 0 and proc.stdout.startswith("caption: "), proc.stderr[-2000:]
+    proc = cli("vlm-eval", [f"ckpt={ckpt}"], tmp_path, 300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = dict(line.split(": ") for line in proc.stdout.splitlines() if line.startswith("test/"))
+    assert float(printed["test/cider"]) == pytest.approx(metrics["test/cider"], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["cross_attention", "prefix"])
+def test_analysis_draws_every_figure_and_logs_them_to_wandb(mode, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from vlm.families.qformer_captioner.analysis import FIGURES, word_attention, write_analysis
+
+    module = captioner(f"conditioning={mode}")
+    open_gates(module)
+    module.eval()
+    batch = caption_batch(module, "generate", colours=("red", "blue", "green"), captions=CAPTIONS)
+    batch["references"] = [[c] for c in CAPTIONS]
+    tok = module.tokenizer
+    new = module.model.generate(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=4,
+        min_new_tokens=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    maps = word_attention(module, batch, new)
+    queries = 1 + module.model.connector.num_queries
+    assert [tuple(m.shape) for m in maps] == [(4, queries)] * 3
+    # over the Q-Former tokens only: cross-attention rows sum to 1, prefix rows to the share of the span
+    sums = torch.stack([m.sum(-1) for m in maps])
+    if mode == "cross_attention":
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+    else:
+        assert ((sums > 0) & (sums < 1)).all()
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="test")
+    stats = write_analysis(module, batch, tmp_path, [logger])
+    logger.experiment.finish()
+    assert {p.stem for p in (tmp_path / "analysis").glob("*.png")} == set(FIGURES)
+    assert set(stats) == {"discriminative_power", "global_query_similarity", "image_specificity"}
+    media = list(tmp_path.glob("wandb/offline-run-*/files/media/images/analysis/*.png"))
+    assert {p.name.split("_")[0] for p in media} >= {"caption", "parameters", "token"}
 
 
 def test_the_sweep_file_defines_unfreezing_x_queries_x_conditioning():
@@ -296,3 +360,20 @@ def test_the_sweep_file_defines_unfreezing_x_queries_x_conditioning():
         "conditioning": ["cross_attention", "prefix"],
     }
     assert cfg.hydra.runtime.choices.experiment == "qformer_shapes"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["cross_attention", "prefix"])
+def test_trains_and_captions_under_bf16_autocast_on_the_gpu(mode):
+    module = captioner(f"conditioning={mode}").cuda().train()
+    open_gates(module)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in caption_batch(module).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = module(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.model.connector.queries.grad.abs().sum() > 0
+    module.eval()
+    prompts = {k: v.cuda() if torch.is_tensor(v) else v for k, v in caption_batch(module, "generate").items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert len(module.generate(prompts, num_beams=2)) == 2

@@ -1,5 +1,6 @@
 """``vlm-predict ckpt=<path> image=<png> question="..."``: answer questions about an image
-from a checkpoint alone (the tokenizer and model config travel inside it)."""
+from a checkpoint alone (the tokenizer and model config travel inside it). A captioner's
+checkpoint (``plain`` template: image, then text) needs no question and prints the caption."""
 
 from __future__ import annotations
 
@@ -33,16 +34,22 @@ def answer(module: VLMLitModule, image: Image.Image, questions: list[str], **gen
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
-    if not cfg.ckpt or not cfg.image or not cfg.question:
+    if not cfg.ckpt or not cfg.image:
         raise SystemExit("usage: vlm-predict ckpt=<path.ckpt> image=<image file> question='...'")
     torch.set_grad_enabled(False)
     module = VLMLitModule.from_checkpoint(cfg.ckpt)
+    captioner = module.hparams.template == "plain"
+    if not cfg.question and not captioner:
+        raise SystemExit("usage: vlm-predict ckpt=<path.ckpt> image=<image file> question='...'")
     try:
         image = Image.open(cfg.image).convert("RGB")
     except OSError as err:
         raise SystemExit(f"cannot read image '{cfg.image}': {err}") from err
-    questions = list(cfg.question) if isinstance(cfg.question, ListConfig) else [str(cfg.question)]
     generation = {k: v for k, v in cfg.generation.items() if v is not None}
+    if captioner:  # the plain template reads no question
+        print(f"caption: {answer(module, image, [''], **generation)[0]}")
+        return
+    questions = list(cfg.question) if isinstance(cfg.question, ListConfig) else [str(cfg.question)]
     for q, a in zip(questions, answer(module, image, questions, **generation), strict=True):
         print(f"Q: {q}\nA: {a}")
 
