@@ -347,6 +347,31 @@ def test_analysis_draws_every_figure_and_logs_them_to_wandb(mode, tmp_path):
     assert {p.name.split("_")[0] for p in media} >= {"caption", "parameters", "token"}
 
 
+PHASE_PARTS = (
+    "+callbacks.parts.parts={qformer:model.connector,block1:model.llm.transformer.h.1,"
+    "block2:model.llm.transformer.h.2,block3:model.llm.transformer.h.3}"
+)
+
+
+def test_ddp_ranks_stay_identical_when_phase_two_unfreezes_more_blocks(shapesworld, tmp_path):
+    """A block first trained in phase 2 must be synced like the others: had its requires_grad
+    been flipped after DDP wrapped the model, each rank would step it with its own gradient."""
+    args = [
+        "experiment=qformer_shapes", "trainer=ddp_cpu", *data_overrides(shapesworld),
+        f"paths.log_dir={tmp_path / 'logs'}", "logger=csv", "test=false", "monitor=null",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+        "+callbacks.parts._target_=train_probes.PartHashes", PHASE_PARTS,
+    ]  # fmt: skip
+    proc = cli("vlm-train", args, tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    ranks = [json.loads((run / f"parts_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["epochs"] == ranks[1]["epochs"]  # every part, after each phase
+    start, (phase1, phase2) = ranks[0]["start"], ranks[0]["epochs"]
+    assert start["block2"] == phase1["block2"] != phase2["block2"]
+    assert start["block1"] == phase2["block1"] and start["block3"] != phase1["block3"]
+
+
 def test_the_sweep_file_defines_unfreezing_x_queries_x_conditioning():
     proc = cli(
         "vlm-train", ["--config-dir", "sweeps", "--config-name", "qformer_grid", "--cfg", "all"], ROOT, 120
