@@ -144,6 +144,18 @@ def test_bench_of_a_two_tower_family_feeds_each_tower_and_splits_its_parameters(
     assert result["generate"]["encode_ms_per_image"] > 0 and "encode images" in stdout
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_bench_of_the_captioner_times_a_caption_with_either_kv_cache(cache, tmp_path):
+    static = ["bench.cache_implementation=static"] if cache == "static" else []
+    result, _ = run_bench(tmp_path / "bench", "trainer=cpu", "experiment=qformer_shapes", *static)
+    gen = result["generate"]
+    assert gen["cache_implementation"] == cache and gen["new_tokens"] == 4 and gen["ms_per_batch"] > 0
+    assert result["image_tokens"] == 0  # cross-attention: the caption carries no image tokens
+    params = result["parameters"]
+    assert params["vision_tower"]["trainable"] == 0 and params["qformer"]["trainable"] > 0
+    assert 0 < params["decoder"]["trainable"] < params["decoder"]["total"]  # phase 1: 70 % frozen
+
+
 @pytest.mark.gpu
 def test_bench_tiny_gpu_bf16(tmp_path):
     result, _ = run_bench(tmp_path / "bench", "trainer=gpu", "trainer.precision=bf16-mixed")

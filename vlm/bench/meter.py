@@ -81,12 +81,17 @@ class GenerationMeter(L.Callback):
     under the trainer's autocast: one untimed call, then ``repeats`` timed ones. Image encoding
     alone (tower + connector) is timed the same way: what a composite tower adds per image."""
 
-    def __init__(self, batch: dict, new_tokens: int, repeats: int, pad_token_id: int, eos_token_id: int):
+    def __init__(
+        self, batch: dict, new_tokens: int, repeats: int, pad_token_id: int, eos_token_id: int,
+        cache_implementation: str | None = None,
+    ):  # fmt: skip
         self.batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         self.kwargs = dict(
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
             pad_token_id=pad_token_id, eos_token_id=eos_token_id,
         )  # fmt: skip
+        if cache_implementation:  # "static": a preallocated KV cache, transformers' own
+            self.kwargs["cache_implementation"] = cache_implementation
         self.repeats = repeats
         self.times: list[float] = []
         self.encode_times: list[float] = []

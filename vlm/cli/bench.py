@@ -53,6 +53,7 @@ class BenchConf:
     steps: int = 10
     generate_tokens: int = 32
     generate_repeats: int = 3
+    cache_implementation: str | None = None  # transformers' KV cache kind for generation
     vocab_size: Any = "auto"  # "auto" | int | null, see conf/bench.yaml
     peak_tflops: float | None = None  # overrides the device table
 
@@ -116,7 +117,12 @@ def bench(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     batch, prompts = synthetic_batches(module.processor, b.batch_size, b.text_len, seed)
     steps = StepMeter(b.warmup, b.steps)
     generation = GenerationMeter(
-        prompts, b.generate_tokens, b.generate_repeats, tokenizer.pad_token_id, tokenizer.eos_token_id
+        prompts,
+        b.generate_tokens,
+        b.generate_repeats,
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        b.cache_implementation,
     )
     trainer = make_trainer(cfg, [steps, generation], output_dir)
     n_batches = (b.warmup + b.steps) * trainer.accumulate_grad_batches
@@ -177,6 +183,7 @@ def generation_figures(generation: GenerationMeter, prompts: dict) -> dict[str, 
         "batch_size": batch_size,
         "prompt_len": prompt_len,
         "new_tokens": generation.new_tokens,
+        "cache_implementation": generation.kwargs.get("cache_implementation", "dynamic"),
         "repeats": len(generation.times),
         "ms_per_batch": 1000 * seconds,
         "tokens_per_s": batch_size * generation.new_tokens / seconds,
