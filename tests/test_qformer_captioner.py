@@ -274,8 +274,11 @@ def test_train_runs_the_phases_scores_captions_and_draws_the_analysis(shapesworl
     for key in ("bleu1", "bleu4", "meteor", "rouge_l", "cider"):
         assert 0.0 <= metrics[f"test/{key}"] <= 10.0, key
     rows = metrics_rows(tmp_path)
-    lrs = sorted({round(float(r["unfreeze/phase"])) for r in rows if r.get("unfreeze/phase")})
-    assert lrs == [0, 1]
+    phases = sorted({round(float(r["unfreeze/phase"])) for r in rows if r.get("unfreeze/phase")})
+    assert phases == [0, 1]
+    # each phase's lr (2e-3, then 1e-3) is the base the cosine schedule scales, not stage.lr (1e-4)
+    lr = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")}
+    assert max(v for s, v in lr.items() if s < 3) > 1e-3 >= max(v for s, v in lr.items() if s >= 3) > 1e-4
     assert any(k.startswith("conditioning/gate_0_attn") and v for r in rows for k, v in r.items())
     pngs = {p.stem for p in (tmp_path / "analysis").glob("*.png")}
     assert pngs == {
