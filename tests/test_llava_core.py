@@ -90,6 +90,29 @@ def test_loss_equals_full_logits_loss_on_labelled_tokens(tokenizer):
     assert torch.allclose(loss, ref, atol=1e-5)
 
 
+def test_qtype_weights_weigh_each_reply_by_its_question_type(tokenizer):
+    model, proc = make(tokenizer)
+    proc.qtype_weights = {"exists": 4.0}
+    sample = {"image": Image.new("RGB", (64, 64), "red"), "conversations": CONV}
+    sample["meta"] = {"qtypes": ["color", "exists"]}
+    item = proc(sample)
+    w, labels = item["loss_weights"], item["labels"]
+    assert ((w > 0) == (labels != IGNORE_INDEX)).all()  # weights sit exactly on the targets
+    replies = (labels != IGNORE_INDEX).int()
+    starts = (replies[1:] - replies[:-1] == 1).nonzero().squeeze(1) + 1  # first token of each reply
+    assert w[starts].tolist() == [1.0, 4.0]
+    batch = proc.collate([item, proc({**sample, "meta": {"qtype": "color"}})])
+    assert batch["loss_weights"][1].max() == 1.0 and batch["loss_weights"].shape == batch["labels"].shape
+    args = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    loss = model(**args, loss_weights=batch["loss_weights"])["loss"]
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])["logits"]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    weights = batch["loss_weights"][:, 1:]
+    torch.testing.assert_close(loss, (ce * weights).sum() / weights.sum())
+
+
 def test_generate_greedy_matches_manual_argmax_decoding(tokenizer):
     """KV-cached generation reproduces step-by-step argmax over full re-computation."""
     model, proc = make(tokenizer)

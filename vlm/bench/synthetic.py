@@ -43,7 +43,7 @@ def corpus(n: int = 256, seed: int = 0) -> list[str]:
 
 
 def _text_tokens(processor: VLMProcessor, turns: list[dict]) -> int:
-    ids, _ = processor.encode_segments(processor.template.segments(turns))
+    ids, _, _ = processor.encode_segments(processor.template.segments(turns))
     return len(ids) - processor.num_image_tokens
 
 

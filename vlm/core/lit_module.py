@@ -49,12 +49,13 @@ class VLMLitModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         num_logged_predictions: int = 16,
         monitor_every: int = 50,
+        qtype_weights: dict | None = None,
         tokenizer=None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         hp = self.hparams
-        for key in ("model", "tune", "optimizer", "scheduler", "generation"):
+        for key in ("model", "tune", "optimizer", "scheduler", "generation", "qtype_weights"):
             hp[key] = _container(hp[key])
         if tokenizer is None:
             raise ValueError("a tokenizer is needed to build the model (vocabulary, <image> id)")
@@ -122,6 +123,7 @@ class VLMLitModule(L.LightningModule):
             self.image_transforms(),
             self.model.num_image_tokens,
             hp.max_length,
+            hp.qtype_weights,
         )
 
     def parameter_rows(self) -> list[dict]:
@@ -152,7 +154,11 @@ class VLMLitModule(L.LightningModule):
     # -- steps -------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         return self.model(
-            batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("labels")
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("pixel_values"),
+            batch.get("labels"),
+            batch.get("loss_weights"),
         )
 
     def training_step(self, batch: dict, batch_idx: int):

@@ -103,9 +103,11 @@ class LlavaModel(nn.Module):
         attention_mask: Tensor,
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
+        loss_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """With ``labels``, the LM head runs only on the positions that predict a target token:
-        on VQA that is a few tokens per sample instead of the full (B, T, vocab) logits."""
+        on VQA that is a few tokens per sample instead of the full (B, T, vocab) logits.
+        ``loss_weights`` (B, T), aligned with ``labels``: a weighted mean over the targets."""
         embeds = self.embed(input_ids, pixel_values)
         hidden = self.llm.base_model(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
@@ -116,7 +118,12 @@ class LlavaModel(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = head(hidden[:, :-1][keep])  # (n_targets, vocab)
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
+        if loss_weights is None:
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
+        else:
+            w = loss_weights[:, 1:][keep].float()
+            loss = (F.cross_entropy(logits.float(), targets[keep], reduction="none") * w).sum()
+            loss = loss / w.sum().clamp(min=1e-6)
         return {"loss": loss, "n_targets": keep.sum()}
 
     @torch.no_grad()

@@ -48,8 +48,10 @@ class VLMProcessor:
         image_transforms: dict[str, ImageTransform],
         num_image_tokens: int,
         max_length: int = 512,
+        qtype_weights: dict[str, float] | None = None,
     ):
         self.tokenizer = tokenizer
+        self.qtype_weights = dict(qtype_weights or {})
         self.template = template
         self.image_transforms = image_transforms
         self.num_image_tokens = num_image_tokens
@@ -58,11 +60,18 @@ class VLMProcessor:
         self.pad_token_id = tokenizer.pad_token_id
         self.dropped: Counter[str] = Counter()
 
-    def encode_segments(self, segments) -> tuple[list[int], list[int]]:
-        """ids and labels, segment by segment; ``<image>`` becomes the image-token span."""
+    def encode_segments(
+        self, segments, reply_weights: list[float] | None = None
+    ) -> tuple[list[int], list[int], list[float]]:
+        """ids, labels and loss weights, segment by segment; ``<image>`` becomes the image-token
+        span. A target token weighs its reply's entry of ``reply_weights`` (default 1), others 0."""
         ids: list[int] = []
         labels: list[int] = []
+        weights: list[float] = []
+        replies = iter(reply_weights or ())
         for seg in segments:
+            w = next(replies, 1.0) if seg.target else 0.0
+            start = len(ids)
             for j, piece in enumerate(seg.text.split(IMAGE_TOKEN)):
                 if j > 0:
                     ids += [self.image_token_id] * self.num_image_tokens
@@ -71,7 +80,17 @@ class VLMProcessor:
                     piece_ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
                     ids += piece_ids
                     labels += piece_ids if seg.target else [IGNORE_INDEX] * len(piece_ids)
-        return ids, labels
+            weights += [w if seg.target else 0.0] * (len(ids) - start)
+        return ids, labels, weights
+
+    def reply_weights(self, sample: dict, n_turns: int) -> list[float] | None:
+        """Loss weight of each reply from its question type (``meta.qtypes``, one per reply,
+        or ``meta.qtype``); None when no weights are configured."""
+        if not self.qtype_weights:
+            return None
+        meta = sample.get("meta") or {}
+        qtypes = meta.get("qtypes") or [meta.get("qtype")] * n_turns
+        return [float(self.qtype_weights.get(q, 1.0)) for q in qtypes]
 
     def pixels(self, image: Image.Image | None):
         if image is None:
@@ -85,12 +104,14 @@ class VLMProcessor:
             segments = self.template.segments(turns[:-1], add_generation_prompt=True)
         else:
             segments = self.template.segments(turns)
-        ids, labels = self.encode_segments(segments)
+        weights = None if mode == "generate" else self.reply_weights(sample, len(turns) // 2)
+        ids, labels, token_weights = self.encode_segments(segments, weights)
         if len(ids) > self.max_length:
             if mode == "generate" or self._image_end(ids) > self.max_length:
                 self.dropped["longer than max_length"] += 1
                 return None
             ids, labels = ids[: self.max_length], labels[: self.max_length]
+            token_weights = token_weights[: self.max_length]
         if mode != "generate" and all(x == IGNORE_INDEX for x in labels):
             self.dropped["no target tokens left"] += 1
             return None
@@ -99,6 +120,8 @@ class VLMProcessor:
             item.update(answer=turns[-1]["value"], meta=sample.get("meta", {}), id=sample.get("id"))
         else:
             item["labels"] = torch.tensor(labels)
+            if weights is not None:
+                item["loss_weights"] = torch.tensor(token_weights)
         return item
 
     def _image_end(self, ids: list[int]) -> int:
@@ -123,6 +146,8 @@ class VLMProcessor:
         ).long()
         if "labels" in items[0]:
             batch["labels"] = _pad([it["labels"] for it in items], width, IGNORE_INDEX, left)
+        if "loss_weights" in items[0]:
+            batch["loss_weights"] = _pad([it["loss_weights"] for it in items], width, 0.0, left)
         batch["pixel_values"] = _stack_pixels([it["pixel_values"] for it in items])
         for key in ("answer", "meta", "id"):
             if key in items[0]:
@@ -130,8 +155,8 @@ class VLMProcessor:
         return batch
 
 
-def _pad(seqs: list[torch.Tensor], width: int, value: int, left: bool) -> torch.Tensor:
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
+def _pad(seqs: list[torch.Tensor], width: int, value: float, left: bool) -> torch.Tensor:
+    out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
     for i, s in enumerate(seqs):
         if left:
             out[i, width - len(s) :] = s
