@@ -101,7 +101,8 @@ def test_experiment_fast_dev_run(experiment, shapesworld, tmp_path):
         if not hub_ids:
             metrics = train(cfg)
             assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-            assert ("test/acc" in metrics) == cfg.test
+            scored = f"test/{cfg.monitor.split('/', 1)[1]}" if cfg.monitor else "test/acc"  # acc, cider
+            assert (scored in metrics) == cfg.test
             return
         with pytest.raises(CheckpointMissingError) as err:
             train(cfg)
