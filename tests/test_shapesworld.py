@@ -234,3 +234,20 @@ def test_concurrent_generators_leave_complete_files(world, tmp_path):
         t.join()
     assert _files(tmp_path) == _files(world)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_pretrain_questions_ask_about_the_caption_scenes(tmp_path):
+    pairs = {"num_pretrain": 60, "pretrain_max_shapes": 2, "pretrain_qtypes": ("position",)}
+    cfg = ShapesWorldConfig(root=str(tmp_path), **{**SMALL, **pairs})
+    records = json.loads((generate(cfg) / "llava_pretrain.json").read_text())
+    captions = {r["image"]: r["conversations"][1]["value"] for r in records if r["qtype"] == "caption"}
+    asked = [r for r in records if r["qtype"] == "position"]
+    assert len(captions) == 60 and 5 <= len(asked) < 60  # two-object scenes with a clear left/right
+    for r in asked:
+        left, right = re.fullmatch(r"a (\w+ \w+) left of a (\w+ \w+)", captions[r["image"]]).groups()
+        question = r["conversations"][0]["value"]
+        a, b = re.fullmatch(r"<image>\nIs the (\w+ \w+) left or right of the (\w+ \w+)\?", question).groups()
+        assert {a, b} == {left, right}
+        assert r["conversations"][1]["value"] == ("left" if a == left else "right")
+    with pytest.raises(ValueError, match="unknown colours/shapes/question types \\['size'\\]"):
+        ShapesWorldConfig(pretrain_qtypes=("size",))

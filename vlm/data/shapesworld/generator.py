@@ -50,11 +50,15 @@ class ShapesWorldConfig:
     questions_per_image: int = 6
     num_pretrain: int = 0
     pretrain_max_shapes: int = 1
+    pretrain_qtypes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
+        unknown += [q for q in (*self.qtypes, *self.pretrain_qtypes) if q not in QTYPES]
         if unknown:
-            raise ValueError(f"unknown colours/shapes {unknown}; known: {list(COLORS)} and {list(SHAPES)}")
+            raise ValueError(
+                f"unknown colours/shapes/question types {unknown}; known: {list(COLORS)}, {list(SHAPES)} and {list(QTYPES)}"
+            )
         if not 1 <= self.min_shapes <= self.max_shapes <= 6:
             raise ValueError(f"need 1 <= min_shapes <= max_shapes <= 6, got {self.min_shapes}, {self.max_shapes}")
 
@@ -133,15 +137,22 @@ def _write_pretrain(cfg: ShapesWorldConfig, root: Path, train: list[ImageEntry])
     With ``num_pretrain`` they describe their own scenes of at most ``pretrain_max_shapes``
     objects: single-object captions tie each colour and shape word to its look before any
     question needs binding (the CPU default's curriculum); otherwise the train scenes.
+    ``pretrain_qtypes`` adds one single-question record per scene and type (where the scene
+    allows one), e.g. left/right on the two-object scenes, where a comparison has only one
+    other object to compare with.
     """
     entries = train
     if cfg.num_pretrain:
         entries, _ = _split(cfg, root, "pretrain", cfg.num_pretrain, cfg.pretrain_max_shapes)
-    pretrain = [
-        {"id": e.id, "image": f"images/{e.file_name}", "qtype": "caption",
-         "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": e.captions[0]}]}
-        for e in entries
-    ]
+    pretrain = []
+    for e in entries:
+        pretrain.append({"id": e.id, "image": f"images/{e.file_name}", "qtype": "caption",
+                         "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": e.captions[0]}]})
+        rng = random.Random(f"shapesworld:{cfg.seed}:pretrain_questions:{e.id}")
+        for qt in cfg.pretrain_qtypes:
+            if qa := ask(qt, e.scene, rng, list(cfg.colors), list(cfg.shapes)):
+                pretrain.append({"id": f"{e.id}_{qt}", "image": f"images/{e.file_name}", "qtype": qt,
+                                 "conversations": _turns([(qt, *qa)])})
     atomic_write_json(root / "llava_pretrain.json", pretrain)
 
 
