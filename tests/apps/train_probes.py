@@ -95,3 +95,22 @@ class PartHashes(L.Callback):
         record = {"start": self.start, "end": self._hashes(pl_module), "epochs": self.epochs}
         path = Path(trainer.default_root_dir) / f"parts_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(record))
+
+
+class ParamDtypes(L.Callback):
+    """``dtypes_rank<r>.json``: each parameter's dtype and ``requires_grad`` inside the loop (at
+    the first training batch) and after the fit (at teardown, after every ``on_fit_end``)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.inside: dict[str, list] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.inside:
+            self.inside = {n: [str(p.dtype), p.requires_grad] for n, p in pl_module.named_parameters()}
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        after = {n: str(p.dtype) for n, p in pl_module.named_parameters()}
+        path = Path(trainer.default_root_dir) / f"dtypes_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"inside": self.inside, "after": after}))

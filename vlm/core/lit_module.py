@@ -23,6 +23,7 @@ from vlm.core.templates import build_template
 from vlm.core.tokenizer import IMAGE_TOKEN
 from vlm.core.zoo.llms import decoder_layers
 
+FROZEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPESWORLD_QTYPES = ["caption", "color", "shape", "count", "position", "exists"]
 
 
@@ -50,6 +51,7 @@ class VLMLitModule(L.LightningModule):
         num_logged_predictions: int = 16,
         monitor_every: int = 50,
         qtype_weights: dict | None = None,
+        frozen_dtype: str | None = None,
         tokenizer=None,
     ):
         super().__init__()
@@ -73,6 +75,7 @@ class VLMLitModule(L.LightningModule):
         self.test_acc = VQAAccuracy(qtypes or SHAPESWORLD_QTYPES)
         self._samples: list[dict] = []
         self.data_config: dict | None = None  # set by the entry point; saved for vlm-eval
+        self._stored_low: list[torch.nn.Parameter] = []  # frozen weights held in frozen_dtype
 
     # -- what a family defines -------------------------------------------------------------
     def build_model(self, cfg: dict, tokenizer) -> torch.nn.Module:
@@ -143,6 +146,7 @@ class VLMLitModule(L.LightningModule):
                 logger.log_metrics(values, step=self.global_step)
 
     def on_fit_start(self) -> None:
+        self._store_frozen_low()
         rows = self.parameter_rows()
         if self.trainer.is_global_zero:
             print_parameter_table(rows)
@@ -150,6 +154,35 @@ class VLMLitModule(L.LightningModule):
             logger.log_hyperparams(
                 {f"params/{r['component']}/{k}": r[k] for r in rows for k in ("total", "trainable")}
             )
+
+    def on_fit_end(self) -> None:
+        for p in self._stored_low:  # outside fit the module is fp32 again (eval, export, tests)
+            p.data = p.data.float()
+        self._stored_low = []
+
+    def _store_frozen_low(self) -> None:
+        """``frozen_dtype``: weights that never train are stored in bf16/fp16 for the fit.
+
+        Under mixed precision autocast casts every frozen fp32 weight at each use anyway; storing
+        them low halves their memory and skips those casts (a 1.1B frozen LLM: 4.4 -> 2.2 GB).
+        Trained weights stay fp32 for the optimizer. Only with a mixed precision, where autocast
+        reconciles the dtypes.
+        """
+        name = self.hparams.frozen_dtype
+        if not name:
+            return
+        dtype = FROZEN_DTYPES.get(name)
+        if dtype is None:
+            raise ValueError(f"stage.frozen_dtype={name!r}: choose from {', '.join(FROZEN_DTYPES)} or null")
+        precision = str(self.trainer.precision)
+        if not precision.endswith("-mixed"):
+            raise ValueError(
+                f"stage.frozen_dtype={name} needs a mixed trainer.precision (bf16-mixed, 16-mixed), "
+                f"got {precision}"
+            )
+        self._stored_low = [p for p in self.parameters() if not p.requires_grad and p.is_floating_point()]
+        for p in self._stored_low:
+            p.data = p.data.to(dtype)
 
     # -- steps -------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:

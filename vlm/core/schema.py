@@ -198,12 +198,14 @@ class WandbLoggerConf:
 @dataclass
 class StageConf:
     """A training stage: what each part trains (``tune.<part>``: a ``PartTune``), the learning
-    rate, the conversation template and the checkpoint it starts from."""
+    rate, the conversation template, the checkpoint it starts from and the dtype its frozen
+    weights are stored in during the fit (``frozen_dtype``: bf16 | fp16 | null)."""
 
     name: str = MISSING
     lr: float = MISSING
     template: str = "auto"
     init_from: str | None = None
+    frozen_dtype: str | None = None
     tune: dict[str, PartTune] = field(default_factory=dict)
 
 
