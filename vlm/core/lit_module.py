@@ -117,6 +117,10 @@ class VLMLitModule(L.LightningModule):
         self.load_state_dict(match, strict=False)
         print(f"init_from {path}: loaded {len(match)}/{len(own)} tensors ({len(state) - len(match)} skipped)")
 
+    def max_length(self) -> int:
+        """Tokens per sample after truncation (the image span included)."""
+        return self.hparams.max_length
+
     @property
     def processor(self) -> VLMProcessor:
         hp = self.hparams
@@ -125,7 +129,7 @@ class VLMLitModule(L.LightningModule):
             build_template(hp.template, self.tokenizer, hp.system_prompt),
             self.image_transforms(),
             self.model.num_image_tokens,
-            hp.max_length,
+            self.max_length(),
             hp.qtype_weights,
         )
 

@@ -16,8 +16,6 @@ from torch import nn
 from vlm.core.caption_metrics import CaptionMetrics
 from vlm.core.lit_module import VLMLitModule
 from vlm.core.params import parameter_rows
-from vlm.core.processor import VLMProcessor
-from vlm.core.templates import build_template
 from vlm.core.tokenizer import IMAGE_TOKEN
 from vlm.core.zoo.llms import decoder_layers
 from vlm.families.qformer_captioner.conditioning import (
@@ -144,18 +142,10 @@ class CaptionerModule(VLMLitModule):
             self.log_now({f"conditioning/gate_{k}": v for k, v in self.model.conditioning.gates().items()})
 
     # -- text --------------------------------------------------------------------------------
-    @property
-    def processor(self) -> VLMProcessor:
+    def max_length(self) -> int:
         """bos, the image span (prefix mode), then at most ``caption_length`` caption tokens,
         EOS included: a longer caption is cut and has no EOS."""
-        hp = self.hparams
-        return VLMProcessor(
-            self.tokenizer,
-            build_template(hp.template, self.tokenizer, hp.system_prompt),
-            self.image_transforms(),
-            self.model.num_image_tokens,
-            1 + self.model.num_image_tokens + hp.caption_length,
-        )
+        return 1 + self.model.num_image_tokens + self.hparams.caption_length
 
     def generate(self, batch: dict, **overrides) -> list[str]:
         return super().generate(batch, **({"max_new_tokens": self.hparams.caption_length} | overrides))
