@@ -459,3 +459,13 @@ def test_resume_order_through_lightning(world, tmp_path, save_at, read_total_ste
         warnings.simplefilter("always")
         assert fit(world, 9, ckpt, **opts) == full[save_at:]
     assert not [w for w in caught if "not resumable" in str(w.message)]
+
+
+def test_a_data_mix_of_several_llava_files_reads_them_in_order(tmp_path):
+    (tmp_path / "mix665k.json").write_text(json.dumps([{"id": "a", "conversations": []}]))
+    lines = [json.dumps({"id": i, "conversations": []}) for i in "bc"]
+    (tmp_path / "cambrian.jsonl").write_text("\n".join(lines) + "\n")
+    dm = VLMDataModule(source="llava_json", root=str(tmp_path), train_json=["mix665k.json", "cambrian.jsonl"])
+    ds = dm._dataset("train")
+    assert [r["id"] for r in ds.records] == ["a", "b", "c"]
+    assert "mix665k.json" in ds.source and "cambrian.jsonl" in ds.source  # bad samples name both

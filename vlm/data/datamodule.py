@@ -120,7 +120,8 @@ class VLMDataModule(L.LightningDataModule):
             raise ValueError(f"no file for the {split} split: set data.{split}_json")
         path = files[split]
         if kind == "llava_json":
-            records, source = read_llava_json(path), str(path)
+            records = read_llava_json(path)
+            source = str(path) if isinstance(path, Path) else ", ".join(map(str, path))
         else:
             coco = read_coco_captions(path, karpathy, split if karpathy else None)
             records = caption_conversations(coco, per_caption=split == "train")

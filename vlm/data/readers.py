@@ -47,10 +47,13 @@ def _load_jsonl(path: Path) -> list[Any]:
     return records
 
 
-def read_llava_json(path: PathLike) -> list[dict]:
+def read_llava_json(path: PathLike | Sequence[PathLike]) -> list[dict]:
     """LLaVA-1.5 / LCS-558K / mix665k / ShareGPT4V: a JSON list of ``{"id", "image"?,
     "conversations": [{"from": "human"|"gpt", "value"}, ...]}``; extra keys are kept. A
-    ``.jsonl`` file holds one such record per line (Cambrian-737k ships that way)."""
+    ``.jsonl`` file holds one such record per line (Cambrian-737k ships that way). Several
+    files (a data mix) are read in order into one list."""
+    if not isinstance(path, (str, Path)):
+        return [r for p in path for r in read_llava_json(p)]
     path = Path(path)
     data = _load_jsonl(path) if path.suffix == ".jsonl" else _load_json(path)
     if not isinstance(data, list):
