@@ -71,10 +71,11 @@ def test_an_unknown_frozen_dtype_is_named(shapesworld, tmp_path):
     "family",
     [
         ["stage=pretrain"],  # llava: tower and LLM frozen
+        ["stage=finetune", "stage.tune.llm.type=lora"],  # fp32 adapters on bf16 base weights
         ["experiment=mlvf_shapes", "fusion=I_M", "stage=pretrain"],  # hooks inside a bf16 LLM
         ["experiment=qformer_shapes"],  # frozen CLIP and the frozen part of the decoder
     ],
-    ids=["llava", "layer_fusion_I_M", "qformer_captioner"],
+    ids=["llava", "llava_lora", "layer_fusion_I_M", "qformer_captioner"],
 )
 def test_every_family_trains_with_bf16_frozen_weights(family, shapesworld, tmp_path):
     overrides = [
