@@ -113,3 +113,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def on_cuda(batch: dict) -> dict:
+    """A collated batch with its tensors on the GPU (the rest, ids and metadata, as it is)."""
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}

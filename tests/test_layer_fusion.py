@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from PIL import Image
-from runs import cli, compose_run, data_overrides, metrics_rows, one_thread, run_train, steps
+from runs import cli, compose_run, data_overrides, metrics_rows, on_cuda, one_thread, run_train, steps
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
@@ -361,7 +361,7 @@ def test_real_experiments_carry_the_papers_run_names_and_fusion_tags(experiment,
 def test_each_strategy_trains_under_bf16_autocast_on_the_gpu(strategy):
     module = fusion_module(strategy).cuda().train()
     open_gates(module)
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in vqa_batch(module).items()}
+    batch = on_cuda(vqa_batch(module))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = module(batch)["loss"]
     loss.backward()

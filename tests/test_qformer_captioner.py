@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
-from runs import cli, data_overrides, metrics_rows, one_thread, run_train
+from runs import cli, data_overrides, metrics_rows, on_cuda, one_thread, run_train
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR
@@ -395,13 +395,13 @@ def test_the_sweep_file_defines_unfreezing_x_queries_x_conditioning():
 def test_trains_and_captions_under_bf16_autocast_on_the_gpu(mode):
     module = captioner(f"conditioning={mode}").cuda().train()
     open_gates(module)
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in caption_batch(module).items()}
+    batch = on_cuda(caption_batch(module))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = module(batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss)
     assert module.model.connector.queries.grad.abs().sum() > 0
     module.eval()
-    prompts = {k: v.cuda() if torch.is_tensor(v) else v for k, v in caption_batch(module, "generate").items()}
+    prompts = on_cuda(caption_batch(module, "generate"))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert len(module.generate(prompts, num_beams=2)) == 2
