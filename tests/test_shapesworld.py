@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from vlm.data.shapesworld import ShapesWorldConfig, generate
-from vlm.data.shapesworld.scene import COLORS
+from vlm.data.shapesworld.scene import BACKGROUND, COLORS
 
 SMALL = dict(seed=3, image_size=48, num_train=40, num_val=10, num_test=120, questions_per_image=6)
 
@@ -251,3 +251,19 @@ def test_pretrain_questions_ask_about_the_caption_scenes(tmp_path):
         assert r["conversations"][1]["value"] == ("left" if a == left else "right")
     with pytest.raises(ValueError, match="unknown colours/shapes/question types \\['size'\\]"):
         ShapesWorldConfig(pretrain_qtypes=("size",))
+
+
+def test_pretrain_captions_can_name_the_half_of_a_single_object(tmp_path):
+    root = generate(
+        ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "num_pretrain": 30, "pretrain_caption_side": True})
+    )
+    halves = []  # pretrain scenes are not in refs/instances.json: find the object in the pixels
+    for r in json.loads((root / "llava_pretrain.json").read_text()):
+        half = re.fullmatch(r"a \w+ \w+ on the (left|right)", r["conversations"][1]["value"]).group(1)
+        im = Image.open(root / r["image"]).convert("RGB")
+        xs = [x for x in range(im.width) for y in range(im.height) if im.getpixel((x, y)) != BACKGROUND]
+        offset = sum(xs) / len(xs) + 0.5 - im.width / 2  # pixel centres sit at x + 0.5
+        if abs(offset) > 1:  # rasterising moves a centroid by under a pixel
+            halves.append((offset < 0, half == "left"))
+    assert len(halves) >= 20 and {is_left for is_left, _ in halves} == {True, False}
+    assert all(is_left == said_left for is_left, said_left in halves)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .questions import QTYPES, ask, ask_many, captions
+from .questions import QTYPES, ask, ask_many, captions, side
 from .scene import COLORS, SHAPES, render, sample_scene
 from .writers import ImageEntry, atomic_write_bytes, atomic_write_json, coco_captions, instances_and_refs, karpathy, png_bytes
 
@@ -51,6 +51,7 @@ class ShapesWorldConfig:
     num_pretrain: int = 0
     pretrain_max_shapes: int = 1
     pretrain_qtypes: tuple[str, ...] = ()
+    pretrain_caption_side: bool = False
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
@@ -146,8 +147,11 @@ def _write_pretrain(cfg: ShapesWorldConfig, root: Path, train: list[ImageEntry])
         entries, _ = _split(cfg, root, "pretrain", cfg.num_pretrain, cfg.pretrain_max_shapes)
     pretrain = []
     for e in entries:
+        text = e.captions[0]
+        if cfg.pretrain_caption_side and len(e.scene) == 1:
+            text += f" on the {side(e.scene[0], cfg.image_size)}"
         pretrain.append({"id": e.id, "image": f"images/{e.file_name}", "qtype": "caption",
-                         "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": e.captions[0]}]})
+                         "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": text}]})
         rng = random.Random(f"shapesworld:{cfg.seed}:pretrain_questions:{e.id}")
         for qt in cfg.pretrain_qtypes:
             if qa := ask(qt, e.scene, rng, list(cfg.colors), list(cfg.shapes)):

@@ -33,6 +33,11 @@ def left_of(a: Shape, b: Shape) -> bool:
     return a.x_range[1] < b.x_range[0]
 
 
+def side(s: Shape, size: int) -> str:
+    """The half of the image that holds the shape's centre."""
+    return "left" if s.cx < size / 2 else "right"
+
+
 def caption(scene: list[Shape]) -> str:
     """Full description, objects named left to right."""
     objs = [f"a {name(s)}" for s in sorted(scene, key=lambda s: s.cx)]
