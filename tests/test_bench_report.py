@@ -164,3 +164,18 @@ def test_bench_tiny_gpu_bf16(tmp_path):
     assert result["flops_per_step"] > 0 and result["samples_per_s"] > 0
     if result["peak_bf16_tflops"] is not None:
         assert 0 < result["mfu"] < 1
+
+
+def test_numeric_axes_are_sorted_whatever_order_the_sub_sweeps_ran_in(tmp_path):
+    """A grid run as several sub-sweeps (n=8 first, then n=2 and 4) still reads 2, 4, 8."""
+    for folder, num, n in (("a_n8", 0, 8), ("b_rest", 0, 2), ("b_rest", 1, 4)):
+        config = {"calm": {"num_layers": n, "fusion": "gated"}}
+        overrides = [f"calm.num_layers={n}", "calm.fusion=gated"]
+        write_job(tmp_path / folder / str(num), num, overrides, config, {}, [(9, n / 10, 0.0, 0.0)])
+    report_main([str(tmp_path), "--rows", "calm.num_layers", "--cols", "calm.fusion"])
+    assert read_csv(tmp_path / "pivot_val-acc.csv") == [
+        ["calm.num_layers \\ calm.fusion", "gated"],
+        ["2", "0.2000"],
+        ["4", "0.4000"],
+        ["8", "0.8000"],
+    ]

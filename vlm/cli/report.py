@@ -63,15 +63,16 @@ def results_table(root: Path, jobs: list[Job], keys: list[str], metric: str, bes
 
 def pivot_table(jobs: list[Job], rows_key: str, cols_key: str, metric: str, best: bool, mode: str) -> Table:
     """Mean of ``metric`` per (row value, column value) over the jobs that finished; a cell
-    whose jobs all failed reads ``failed``. Values keep sweep order, as the user listed them.
+    whose jobs all failed reads ``failed``. Values keep sweep order, as the user listed them
+    (layer sets, fusions); numbers are sorted (sub-sweeps of one grid may run in any order).
     Jobs without one of the keys (a baseline run beside the sweep) stay out of the pivot; the
     per-job table lists them."""
     for key in (rows_key, cols_key):
         if all(j.value(key) is None for j in jobs):
             raise SystemExit(f"--rows/--cols: no job has a value for '{key}'")
     jobs = [j for j in jobs if j.value(rows_key) is not None and j.value(cols_key) is not None]
-    row_vals = list(dict.fromkeys(j.value(rows_key) for j in jobs))
-    col_vals = list(dict.fromkeys(j.value(cols_key) for j in jobs))
+    row_vals = _axis(j.value(rows_key) for j in jobs)
+    col_vals = _axis(j.value(cols_key) for j in jobs)
     cells: dict[tuple, list[float | None]] = {}
     for job in jobs:
         row = pick_row(job.metrics, metric, best, mode)
@@ -87,6 +88,15 @@ def pivot_table(jobs: list[Job], rows_key: str, cols_key: str, metric: str, best
             line.append(_fmt(sum(done) / len(done)) if done else ("failed" if got else ""))
         body.append(line)
     return [f"{rows_key} \\ {cols_key}", *map(str, col_vals)], body
+
+
+def _axis(values) -> list[str]:
+    """Distinct values in order of appearance; ascending when every one reads as a number."""
+    distinct = list(dict.fromkeys(values))
+    numbers = [_float(v) for v in distinct]
+    if any(n is None for n in numbers):
+        return distinct
+    return [v for _, v in sorted(zip(numbers, distinct, strict=True))]
 
 
 def markdown(table: Table) -> str:
