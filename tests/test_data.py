@@ -469,3 +469,16 @@ def test_a_data_mix_of_several_llava_files_reads_them_in_order(tmp_path):
     ds = dm._dataset("train")
     assert [r["id"] for r in ds.records] == ["a", "b", "c"]
     assert "mix665k.json" in ds.source and "cambrian.jsonl" in ds.source  # bad samples name both
+
+
+def test_data_text_cache_reaches_the_processor(tmp_path):
+    class Processor:
+        size = None
+
+        def cache_text(self, size):
+            self.size = size
+
+    for n, expected in ((0, None), (500, 500)):
+        proc = Processor()
+        VLMDataModule(source="llava_json", root=str(tmp_path), text_cache=n).attach(proc)
+        assert proc.size == expected

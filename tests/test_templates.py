@@ -121,3 +121,28 @@ def test_collate_pads_right_for_training_and_left_for_generation(tokenizer):
     g0 = int(gen["attention_mask"][0].sum())
     assert gen["attention_mask"][0, -g0:].all() and not gen["attention_mask"][0, :-g0].any()
     assert batch["pixel_values"].shape == (2, 3, 8, 8)
+
+
+def test_the_text_cache_returns_what_processing_returns_and_stays_within_its_size(tokenizer, monkeypatch):
+    image = Image.new("RGB", (8, 8))
+    other = [
+        {"from": "human", "value": "<image>\nHow many shapes are there?"},
+        {"from": "gpt", "value": "two"},
+    ]
+    samples = [{"conversations": c, "image": image} for c in (CONV, other)]
+    plain = make_processor(tokenizer, build_template("auto", tokenizer))
+    cached = make_processor(tokenizer, build_template("auto", tokenizer))
+    cached.cache_text(1)
+    renders = []
+    segments = cached.template.segments
+    monkeypatch.setattr(cached.template, "segments", lambda *a, **k: renders.append(1) or segments(*a, **k))
+    for _ in range(3):  # three epochs
+        for sample in samples:
+            for mode in ("train", "generate"):
+                want, got = plain(sample, mode), cached(sample, mode)
+                assert want.keys() == got.keys()
+                for key in ("input_ids", "labels", "pixel_values"):
+                    if key in want:
+                        assert torch.equal(want[key], got[key]), (mode, key)
+    assert len(cached._text_cache) == 1  # the first conversation's training text
+    assert len(renders) == 1 + 3 * 3  # rendered once when cached, every time otherwise

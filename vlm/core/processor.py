@@ -59,6 +59,15 @@ class VLMProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_token_id = tokenizer.pad_token_id
         self.dropped: Counter[str] = Counter()
+        self.text_cache_size = 0
+        self._text_cache: dict[tuple, tuple[list[int], list[int], list[float]]] = {}
+
+    def cache_text(self, size: int) -> None:
+        """Keep the token ids, labels and weights of up to ``size`` conversations, keyed by
+        their text: rendering the chat template and tokenising cost more than a tiny model's
+        step, and every epoch after the first repeats them. Pixels are never cached (no
+        memory for real images, and random augmentations stay random)."""
+        self.text_cache_size = size
 
     def encode_segments(
         self, segments, reply_weights: list[float] | None = None
@@ -100,12 +109,8 @@ class VLMProcessor:
 
     def __call__(self, sample: dict, mode: str = "train") -> dict | None:
         turns = sample["conversations"]
-        if mode == "generate":
-            segments = self.template.segments(turns[:-1], add_generation_prompt=True)
-        else:
-            segments = self.template.segments(turns)
         weights = None if mode == "generate" else self.reply_weights(sample, len(turns) // 2)
-        ids, labels, token_weights = self.encode_segments(segments, weights)
+        ids, labels, token_weights = self.encode_text(turns, mode, weights)
         if len(ids) > self.max_length:
             if mode == "generate" or self._image_end(ids) > self.max_length:
                 self.dropped["longer than max_length"] += 1
@@ -123,6 +128,21 @@ class VLMProcessor:
             if weights is not None:
                 item["loss_weights"] = torch.tensor(token_weights)
         return item
+
+    def encode_text(self, turns: list[dict], mode: str, weights: list[float] | None):
+        """``encode_segments`` of the conversation's template segments, through the cache."""
+        key = (mode, tuple((t["from"], t["value"]) for t in turns), tuple(weights or ()))
+        hit = self._text_cache.get(key)
+        if hit is not None:
+            return hit
+        if mode == "generate":
+            segments = self.template.segments(turns[:-1], add_generation_prompt=True)
+        else:
+            segments = self.template.segments(turns)
+        out = self.encode_segments(segments, weights)
+        if len(self._text_cache) < self.text_cache_size:
+            self._text_cache[key] = out
+        return out
 
     def _image_end(self, ids: list[int]) -> int:
         pos = [i for i, t in enumerate(ids) if t == self.image_token_id]

@@ -48,6 +48,8 @@ class VLMDataModule(L.LightningDataModule):
     image paths start (default ``root``; ``root/images`` for ShapesWorld's COCO files).
     ``shapesworld``: ``ShapesWorldConfig`` fields. ``max_val_samples``: a seeded random
     subset of val, for fast evaluation during training (test is never capped).
+    ``text_cache``: conversations whose token ids the processor keeps after their first use
+    (0: none); each loader worker keeps its own.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class VLMDataModule(L.LightningDataModule):
         require_image: bool = True,
         max_val_samples: int | None = None,
         corpus_json: Sequence[str] | None = None,
+        text_cache: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -158,8 +161,11 @@ class VLMDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def attach(self, processor: Any) -> None:
-        """``processor(sample, mode) -> item | None`` and ``processor.collate(items, mode)``."""
+        """``processor(sample, mode) -> item | None`` and ``processor.collate(items, mode)``;
+        with ``text_cache`` > 0 its ``cache_text(n)`` keeps the text of n conversations."""
         self.processor = processor
+        if self.hparams.text_cache:
+            processor.cache_text(self.hparams.text_cache)
 
     def _loader(
         self,
