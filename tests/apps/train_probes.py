@@ -114,3 +114,13 @@ class ParamDtypes(L.Callback):
         after = {n: str(p.dtype) for n, p in pl_module.named_parameters()}
         path = Path(trainer.default_root_dir) / f"dtypes_rank{trainer.global_rank}.json"
         path.write_text(json.dumps({"inside": self.inside, "after": after}))
+
+
+class Compiled(L.Callback):
+    """``compiled_rank<r>.json``: the submodules wrapped by ``nn.Module.compile`` when training
+    starts (what ``family.compile`` compiled, by name)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        names = [n for n, m in pl_module.named_modules() if getattr(m, "_compiled_call_impl", None)]
+        path = Path(trainer.default_root_dir) / f"compiled_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(names))

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
+from vlm.core.compile import compile_conf, compile_parts
 from vlm.core.metrics import VQAAccuracy
 from vlm.core.optim import configure_optimizers
 from vlm.core.params import parameter_rows, print_parameter_table
@@ -52,12 +53,13 @@ class VLMLitModule(L.LightningModule):
         monitor_every: int = 50,
         qtype_weights: dict | None = None,
         frozen_dtype: str | None = None,
+        compile: dict | None = None,
         tokenizer=None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         hp = self.hparams
-        for key in ("model", "tune", "optimizer", "scheduler", "generation", "qtype_weights"):
+        for key in ("model", "tune", "optimizer", "scheduler", "generation", "qtype_weights", "compile"):
             hp[key] = _container(hp[key])
         if tokenizer is None:
             raise ValueError("a tokenizer is needed to build the model (vocabulary, <image> id)")
@@ -76,6 +78,8 @@ class VLMLitModule(L.LightningModule):
         self._samples: list[dict] = []
         self.data_config: dict | None = None  # set by the entry point; saved for vlm-eval
         self._stored_low: list[torch.nn.Parameter] = []  # frozen weights held in frozen_dtype
+        self._compile = compile_conf(hp.compile, list(self.parts()))
+        self._compiled = False
 
     # -- what a family defines -------------------------------------------------------------
     def build_model(self, cfg: dict, tokenizer) -> torch.nn.Module:
@@ -148,6 +152,13 @@ class VLMLitModule(L.LightningModule):
             values = {k: float(v) for k, v in metrics.items()}
             for logger in self.loggers:
                 logger.log_metrics(values, step=self.global_step)
+
+    def configure_model(self) -> None:
+        """``compile.parts`` compiled here, in each process after a spawn (a compiled module
+        does not pickle), once per module."""
+        if self._compile.parts and not self._compiled:
+            compile_parts(self.parts(), self.blocks_of, self._compile)
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         self._store_frozen_low()
