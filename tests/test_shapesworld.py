@@ -33,6 +33,10 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scenes(world) -> dict[str, list[dict]]:
+    return scene_objects(world)
+
+
+def scene_objects(world: Path) -> dict[str, list[dict]]:
     """image path (relative to root) -> its objects, rebuilt from refs/instances.json."""
     inst = json.loads((world / "refs" / "instances.json").read_text())
     cats = {c["id"]: c["name"] for c in inst["categories"]}
@@ -63,6 +67,10 @@ def _expected(question: str, objs: list[dict]) -> str | None:
             return None
         a, b = a[0], b[0]
         return "left" if a["x1"] < b["x0"] else "right" if b["x1"] < a["x0"] else None
+    if m := re.fullmatch(r"Is the (\w+) (\w+) on the left or the right\?", question):
+        a = [o for o in objs if (o["color"], o["shape"]) == (m[1], m[2])]
+        mid = SMALL["image_size"] / 2
+        return None if len(a) != 1 else "left" if a[0]["x1"] < mid else "right" if a[0]["x0"] > mid else None
     if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
         return "yes" if any((o["color"], o["shape"]) == (m[1], m[2]) for o in objs) else "no"
     if question == "Describe the image briefly.":
@@ -118,6 +126,39 @@ def test_eval_splits_one_question_per_record_and_balanced_answers(world):
     assert set(counts) == {"1", "2", "3", "4"} and min(counts.values()) >= 15
 
 
+def test_side_questions_are_opt_in_and_match_the_scene(world, tmp_path):
+    """``side`` asks one shape's half ("Is the red circle on the left or the right?"), only of a
+    shape that lies wholly in one half; the default question types leave it out."""
+    assert "side" not in {r["qtype"] for r in json.loads((world / "llava_test.json").read_text())}
+    qtypes = ("color", "shape", "count", "position", "exists", "side")
+    root = generate(ShapesWorldConfig(root=str(tmp_path), **SMALL, qtypes=qtypes))
+    scene = scene_objects(root)
+    answers = []
+    for split in ("train", "test"):
+        for rec in json.loads((root / f"llava_{split}.json").read_text()):
+            conv = rec["conversations"]
+            for h, g in zip(conv[::2], conv[1::2], strict=True):
+                q = h["value"].removeprefix("<image>\n")
+                if "on the left or the right" in q:
+                    assert _expected(q, scene[rec["image"]]) == g["value"], (rec["id"], q, g)
+                    answers.append(g["value"])
+    assert len(answers) > 50 and 0.3 <= answers.count("left") / len(answers) <= 0.7
+
+
+def test_train_turns_give_a_type_more_turns_and_leave_eval_splits_alone(world, tmp_path):
+    root = generate(ShapesWorldConfig(root=str(tmp_path), **SMALL, train_turns={"position": 3}))
+
+    def position_turns(r: Path) -> int:
+        train = json.loads((r / "llava_train.json").read_text())
+        return sum(rec["qtypes"].count("position") for rec in train)
+
+    assert position_turns(root) > 1.2 * position_turns(world)
+    for split in ("val", "test"):
+        assert (root / f"llava_{split}.json").read_bytes() == (world / f"llava_{split}.json").read_bytes()
+    with pytest.raises(ValueError, match=r"unknown colours/shapes/question types \['side'\]"):
+        ShapesWorldConfig(train_turns={"side": 2})
+
+
 def test_single_turn_train_records(tmp_path):
     root = generate(
         ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "multi_turn": False, "questions_per_image": 3})
@@ -152,7 +193,9 @@ def test_no_turn_answered_by_earlier_turns(world):
         convs.append([(c[i]["value"], c[i + 1]["value"]) for i in range(0, len(c), 2)])
     scenes = [(rng, sample_scene(rng, 48, colors, shapes, 1, 4)) for rng in map(random.Random, range(300))]
     # position-only conversations: many position turns per scene
-    convs += [[(q, a) for _, q, a in ask_many(s, rng, ["position"], 6, colors, shapes)] for rng, s in scenes]
+    convs += [
+        [(q, a) for _, q, a in ask_many(s, rng, ["position"], 6, colors, shapes, 48)] for rng, s in scenes
+    ]
     long = 0
     for turns in convs:
         pairs = _left_pairs(turns)
@@ -163,7 +206,7 @@ def test_no_turn_answered_by_earlier_turns(world):
     assert long >= 50
     # single-turn records (conversation=False) are not filtered: both orders of a pair do occur
     single = [
-        _left_pairs([(q, a) for _, q, a in ask_many(s, rng, ["position"], 6, colors, shapes, False)])
+        _left_pairs([(q, a) for _, q, a in ask_many(s, rng, ["position"], 6, colors, shapes, 48, False)])
         for rng, s in scenes
     ]
     assert any(len(set(p)) < len(p) for p in single)  # the same pair, asked in the other order

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,14 @@ SOURCES = ("shapesworld", "llava_json", "coco_captions")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}
 
 Paths = str | Sequence[str] | None
+
+
+def _plain(value: Any) -> Any:
+    """A generator option as a plain value: lists become tuples (hashable, as the dataclass
+    declares them), mappings dicts (JSON for the manifest)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
 
 
 class VLMDataModule(L.LightningDataModule):
@@ -93,10 +101,7 @@ class VLMDataModule(L.LightningDataModule):
             generate(self._shapesworld_config())
 
     def _shapesworld_config(self) -> ShapesWorldConfig:
-        opts = {
-            k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
-            for k, v in (self.hparams.shapesworld or {}).items()
-        }
+        opts = {k: _plain(v) for k, v in (self.hparams.shapesworld or {}).items()}
         return ShapesWorldConfig(**{**opts, "root": str(self.hparams.root)})
 
     def _layout(self) -> tuple[str, dict[str, Any], str | None, Path]:

@@ -13,11 +13,11 @@ import json
 import random
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .questions import QTYPES, ask, ask_many, captions, side
+from .questions import DEFAULT_QTYPES, QTYPES, ask, ask_many, captions, side
 from .scene import COLORS, SHAPES, render, sample_scene
 from .writers import ImageEntry, atomic_write_bytes, atomic_write_json, coco_captions, instances_and_refs, karpathy, png_bytes
 
@@ -33,6 +33,8 @@ class ShapesWorldConfig:
     `multi_turn`: a train record holds `questions_per_image` QA turns about one image
     (as LLaVA mix665k does), else each question is its own record. Val/test always
     hold one question per record, one record per eligible question type per image.
+    `train_turns`: turns a type takes per round of the train questions ({position: 3}: up
+    to three left/right turns where the scene has them; others 1); val/test are unchanged.
     """
 
     root: str = "data/shapesworld"
@@ -45,9 +47,10 @@ class ShapesWorldConfig:
     max_shapes: int = 4
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
-    qtypes: tuple[str, ...] = QTYPES
+    qtypes: tuple[str, ...] = DEFAULT_QTYPES
     multi_turn: bool = True
     questions_per_image: int = 6
+    train_turns: dict[str, int] = field(default_factory=dict)
     num_pretrain: int = 0
     pretrain_max_shapes: int = 1
     pretrain_qtypes: tuple[str, ...] = ()
@@ -56,6 +59,7 @@ class ShapesWorldConfig:
     def __post_init__(self) -> None:
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
         unknown += [q for q in (*self.qtypes, *self.pretrain_qtypes) if q not in QTYPES]
+        unknown += [q for q in self.train_turns if q not in self.qtypes]
         if unknown:
             raise ValueError(
                 f"unknown colours/shapes/question types {unknown}; known: {list(COLORS)}, {list(SHAPES)} and {list(QTYPES)}"
@@ -81,9 +85,10 @@ def _records(cfg: ShapesWorldConfig, e: ImageEntry, rng: random.Random) -> list[
     """LLaVA records for one image (see ShapesWorldConfig for the per-split layout)."""
     image, colors, shapes = f"images/{e.file_name}", list(cfg.colors), list(cfg.shapes)
     if e.split != "train":
-        qas = [(qt, *qa) for qt in cfg.qtypes if (qa := ask(qt, e.scene, rng, colors, shapes))]
+        qas = [(qt, *qa) for qt in cfg.qtypes if (qa := ask(qt, e.scene, rng, colors, shapes, cfg.image_size))]
         return [{"id": f"{e.id}_{qt}", "image": image, "conversations": _turns([(qt, q, a)]), "qtype": qt} for qt, q, a in qas]
-    qas = ask_many(e.scene, rng, list(cfg.qtypes), cfg.questions_per_image, colors, shapes, cfg.multi_turn)
+    qtypes = [qt for qt in cfg.qtypes for _ in range(cfg.train_turns.get(qt, 1))]
+    qas = ask_many(e.scene, rng, qtypes, cfg.questions_per_image, colors, shapes, cfg.image_size, cfg.multi_turn)
     groups = [qas] if cfg.multi_turn else [[qa] for qa in qas]
     return [
         {
@@ -154,7 +159,7 @@ def _write_pretrain(cfg: ShapesWorldConfig, root: Path, train: list[ImageEntry])
                          "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": text}]})
         rng = random.Random(f"shapesworld:{cfg.seed}:pretrain_questions:{e.id}")
         for qt in cfg.pretrain_qtypes:
-            if qa := ask(qt, e.scene, rng, list(cfg.colors), list(cfg.shapes)):
+            if qa := ask(qt, e.scene, rng, list(cfg.colors), list(cfg.shapes), cfg.image_size):
                 pretrain.append({"id": f"{e.id}_{qt}", "image": f"images/{e.file_name}", "qtype": qt,
                                  "conversations": _turns([(qt, *qa)])})
     atomic_write_json(root / "llava_pretrain.json", pretrain)

@@ -13,7 +13,8 @@ from typing import Callable
 
 from .scene import Shape
 
-QTYPES = ("caption", "color", "shape", "count", "position", "exists")
+QTYPES = ("caption", "color", "shape", "count", "position", "exists", "side")
+DEFAULT_QTYPES = QTYPES[:6]  # "side" is opt-in: data sets without it keep their identity
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_PROMPT = "Describe the image briefly."
 
@@ -36,6 +37,12 @@ def left_of(a: Shape, b: Shape) -> bool:
 def side(s: Shape, size: int) -> str:
     """The half of the image that holds the shape's centre."""
     return "left" if s.cx < size / 2 else "right"
+
+
+def clear_side(s: Shape, size: int) -> str | None:
+    """The half of the image that holds the whole shape, or None when it straddles the middle."""
+    lo, hi = s.x_range
+    return "left" if hi < size / 2 else "right" if lo > size / 2 else None
 
 
 def caption(scene: list[Shape]) -> str:
@@ -62,14 +69,17 @@ def _unique(scene: list[Shape], key: Callable[[Shape], object]) -> list[Shape]:
     return [s for s in scene if counts[key(s)] == 1]
 
 
-def ask(qtype: str, scene: list[Shape], rng: random.Random, colors: list[str], shapes: list[str]) -> QA | None:
-    """One random (question, answer) of `qtype`, or None when the scene allows none."""
-    asked = _ask(qtype, scene, rng, colors, shapes)
+def ask(
+    qtype: str, scene: list[Shape], rng: random.Random, colors: list[str], shapes: list[str], size: int
+) -> QA | None:
+    """One random (question, answer) of `qtype`, or None when the scene allows none; `size` is
+    the image's width (the middle that `side` questions are about)."""
+    asked = _ask(qtype, scene, rng, colors, shapes, size)
     return asked[:2] if asked else None
 
 
 def _ask(
-    qtype: str, scene: list[Shape], rng: random.Random, colors: list[str], shapes: list[str]
+    qtype: str, scene: list[Shape], rng: random.Random, colors: list[str], shapes: list[str], size: int
 ) -> tuple[str, str, tuple] | None:
     """`ask`, plus for position questions (name of a, name of b, a is left of b); else ()."""
     if qtype == "caption":
@@ -96,6 +106,12 @@ def _ask(
             "left" if a_left else "right",
             (name(a), name(b), a_left),
         )
+    if qtype == "side":  # one object's half: the left/right of one shape, without a second
+        pool = [(s, half) for s in _unique(scene, name) if (half := clear_side(s, size))]
+        if not pool:
+            return None
+        s, half = rng.choice(pool)
+        return f"Is the {name(s)} on the left or the right?", half, ()
     if qtype == "exists":
         present = sorted({(s.color, s.shape) for s in scene})
         absent = [(c, k) for c in colors for k in shapes if (c, k) not in present]
@@ -119,6 +135,7 @@ def ask_many(
     k: int,
     colors: list[str],
     shapes: list[str],
+    size: int,
     conversation: bool = True,
 ) -> list[tuple[str, str, str]]:
     """Up to k distinct (qtype, question, answer), cycling over the types so each gets its share.
@@ -139,7 +156,7 @@ def ask_many(
     while len(out) < k and order and tries < 4 * k:
         qt = order[tries % len(order)]
         tries += 1
-        asked = _ask(qt, scene, rng, colors, shapes)
+        asked = _ask(qt, scene, rng, colors, shapes, size)
         if asked is None:
             order.remove(qt)
             continue
