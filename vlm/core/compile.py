@@ -5,6 +5,11 @@ compiled graph (compile time is one block's, not the depth's), and the explicit 
 them (CALM's composition loop, layer-fusion taps, no_grad regions, checkpointing) stays eager
 instead of breaking the graph. ``nn.Module.compile`` works in place, so state-dict keys and
 checkpoints are unchanged.
+
+Training steps compile once per shape. Generation with transformers' dynamic KV cache guards on
+each layer's cache, so compiled decoder layers recompile per layer and fall back to eager past
+dynamo's recompile limit (a warning, same results): time compiled generation with a static
+cache (``bench.cache_implementation=static``).
 """
 
 from __future__ import annotations
