@@ -6,10 +6,8 @@ them (CALM's composition loop, layer-fusion taps, no_grad regions, checkpointing
 instead of breaking the graph. ``nn.Module.compile`` works in place, so state-dict keys and
 checkpoints are unchanged.
 
-Training steps compile once per shape. Generation with transformers' dynamic KV cache guards on
-each layer's cache, so compiled decoder layers recompile per layer and fall back to eager past
-dynamo's recompile limit (a warning, same results): time compiled generation with a static
-cache (``bench.cache_implementation=static``).
+Training steps compile once per shape. Decoding (``generate``) runs eager: transformers' KV
+caches guard on each layer's state, which would recompile every decoder layer.
 """
 
 from __future__ import annotations

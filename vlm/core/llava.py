@@ -136,8 +136,10 @@ class LlavaModel(nn.Module):
     ) -> Tensor:
         """Left-padded prompts -> new token ids (B, <= max_new_tokens), KV cache on. Greedy,
         sampling (``do_sample``, ``temperature``, ``top_p``) and beam search (``num_beams``)
-        are transformers' own ``generate``."""
+        are transformers' own ``generate``. Decoding runs eager even where ``family.compile``
+        compiled the decoder layers: the KV cache's per-layer state would recompile every layer."""
         embeds = self.embed(input_ids, pixel_values)
-        return self.llm.generate(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, **generate_kwargs
-        )
+        with torch.compiler.set_stance("force_eager"):
+            return self.llm.generate(
+                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, **generate_kwargs
+            )
