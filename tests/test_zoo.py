@@ -112,6 +112,25 @@ def test_tiny_overrides_and_image_size():
     assert tower(_image(32, batch=1))[-1].shape == (1, 17, 128)
 
 
+def test_coord_channels_give_a_conv_stem_where_each_pixel_is():
+    """CoordConv inputs: the first convolution reads the pixels unchanged plus x and y ramps
+    as two more channels; without the option the tower is the plain 3-channel one."""
+    tower = build_vision_tower("tiny_hybrid_vit", coord_channels=True).eval()
+    stem = next(m for m in tower.model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d))
+    assert tower.coord_channels and stem.in_channels == 5
+    seen = []
+    stem.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    x = _image(32)
+    tower.embed(x)
+    (inputs,) = seen
+    assert torch.equal(inputs[:, :3], x)
+    assert torch.equal(inputs[0, 3, 5], torch.linspace(-1, 1, 32)) and torch.equal(
+        inputs[0, 4, :, 7], torch.linspace(-1, 1, 32)
+    )
+    plain = build_vision_tower("tiny_hybrid_vit")
+    assert not plain.coord_channels and plain.embed(x).shape == tower.embed(x).shape
+
+
 def test_unknown_override_key_fails():
     with pytest.raises(ValueError, match="hiden_size"):
         build_vision_tower("tiny_clip", hiden_size=128)
