@@ -318,7 +318,7 @@ def test_instantiate_from_hydra_config(tmp_path):
             "_target_": "vlm.data.datamodule.VLMDataModule",
             "root": str(tmp_path / "sw"),
             "batch_size": 2,
-            "shapesworld": {**SW, "num_train": 3, "colors": ["red", "blue"]},
+            "shapesworld": {**SW, "num_train": 3, "colors": ["red", "blue"], "train_turns": {"position": 3}},
         }
     )
     dm = hydra.utils.instantiate(cfg)
@@ -326,6 +326,7 @@ def test_instantiate_from_hydra_config(tmp_path):
     dm.prepare_data()  # idempotent
     manifest = json.loads((tmp_path / "sw" / "manifest.json").read_text())
     assert manifest["config"]["colors"] == ["red", "blue"] and manifest["config"]["num_train"] == 3
+    assert manifest["config"]["train_turns"] == {"position": 3}  # a DictConfig, stored as JSON
     assert len(dm.datasets) == 0 and len(list(dm.corpus())) > 0
 
 

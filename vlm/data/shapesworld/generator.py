@@ -13,7 +13,7 @@ import json
 import random
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -50,13 +50,14 @@ class ShapesWorldConfig:
     qtypes: tuple[str, ...] = DEFAULT_QTYPES
     multi_turn: bool = True
     questions_per_image: int = 6
-    train_turns: dict[str, int] = field(default_factory=dict)
+    train_turns: dict[str, int] | None = None
     num_pretrain: int = 0
     pretrain_max_shapes: int = 1
     pretrain_qtypes: tuple[str, ...] = ()
     pretrain_caption_side: bool = False
 
     def __post_init__(self) -> None:
+        self.train_turns = dict(self.train_turns or {})  # null in a config: every type 1
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
         unknown += [q for q in (*self.qtypes, *self.pretrain_qtypes) if q not in QTYPES]
         unknown += [q for q in self.train_turns if q not in self.qtypes]
