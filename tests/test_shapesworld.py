@@ -155,7 +155,7 @@ def test_train_turns_give_a_type_more_turns_and_leave_eval_splits_alone(world, t
     assert position_turns(root) > 1.2 * position_turns(world)
     for split in ("val", "test"):
         assert (root / f"llava_{split}.json").read_bytes() == (world / f"llava_{split}.json").read_bytes()
-    with pytest.raises(ValueError, match=r"unknown colours/shapes/question types \['side'\]"):
+    with pytest.raises(ValueError, match=r"train_turns names types that are not asked: \['side'\]"):
         ShapesWorldConfig(train_turns={"side": 2})
 
 

@@ -54,12 +54,9 @@ def regions(part: nn.Module, blocks: nn.ModuleList | None) -> list[nn.Module]:
 
 def compile_parts(
     parts: dict[str, nn.Module], blocks_of: Callable[[str], nn.ModuleList | None], cfg: CompileConf
-) -> int:
-    """Compile the named parts in place; returns how many modules were wrapped."""
+) -> None:
+    """Compile the named parts in place."""
     options = {"backend": cfg.backend, "mode": cfg.mode, "dynamic": cfg.dynamic, "fullgraph": cfg.fullgraph}
-    count = 0
     for name in cfg.parts:
         for module in regions(parts[name], blocks_of(name)):
             module.compile(**options)
-            count += 1
-    return count

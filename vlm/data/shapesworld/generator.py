@@ -60,11 +60,12 @@ class ShapesWorldConfig:
         self.train_turns = dict(self.train_turns or {})  # null in a config: every type 1
         unknown = [c for c in self.colors if c not in COLORS] + [s for s in self.shapes if s not in SHAPES]
         unknown += [q for q in (*self.qtypes, *self.pretrain_qtypes) if q not in QTYPES]
-        unknown += [q for q in self.train_turns if q not in self.qtypes]
         if unknown:
             raise ValueError(
                 f"unknown colours/shapes/question types {unknown}; known: {list(COLORS)}, {list(SHAPES)} and {list(QTYPES)}"
             )
+        if not_asked := [q for q in self.train_turns if q not in self.qtypes]:
+            raise ValueError(f"train_turns names types that are not asked: {not_asked} (qtypes: {list(self.qtypes)})")
         if not 1 <= self.min_shapes <= self.max_shapes <= 6:
             raise ValueError(f"need 1 <= min_shapes <= max_shapes <= 6, got {self.min_shapes}, {self.max_shapes}")
 
