@@ -59,7 +59,7 @@ def build_timm_tower(
     coord_channels = bool(overrides.pop("coord_channels", False))
     if coord_channels:
         overrides["in_chans"] = 5
-    kwargs = dict(overrides) if pretrained else arch_config(entry, preset, overrides)
+    kwargs = overrides if pretrained else arch_config(entry, preset, overrides)
     if image_size:
         kwargs["img_size"] = image_size
     if pretrained:
