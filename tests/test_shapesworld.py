@@ -310,3 +310,26 @@ def test_pretrain_captions_can_name_the_half_of_a_single_object(tmp_path):
             halves.append((offset < 0, half == "left"))
     assert len(halves) >= 20 and {is_left for is_left, _ in halves} == {True, False}
     assert all(is_left == said_left for is_left, said_left in halves)
+
+
+def test_pretrain_pairs_can_be_described_from_either_object(tmp_path):
+    pairs = {**SMALL, "num_pretrain": 60, "pretrain_max_shapes": 2}
+
+    def pretrain_captions(folder, **extra):
+        cfg = ShapesWorldConfig(root=str(tmp_path / folder), **pairs, **extra)
+        return {r["image"]: r["conversations"][1]["value"] for r in json.loads((generate(cfg) / "llava_pretrain.json").read_text())}
+
+    fixed, mixed = pretrain_captions("fixed"), pretrain_captions("mixed", pretrain_pair_order="random")
+    assert fixed.keys() == mixed.keys()
+    flipped = 0
+    for image, text in fixed.items():
+        if not (m := re.fullmatch(r"a (\w+ \w+) left of a (\w+ \w+)", text)):
+            assert mixed[image] == text  # one-object captions are unchanged
+            continue
+        left, right = m.groups()
+        assert mixed[image] in (text, f"a {right} right of a {left}")
+        flipped += mixed[image] != text
+    two = sum(" of a " in t for t in fixed.values())
+    assert two >= 20 and 0.25 * two < flipped < 0.75 * two
+    with pytest.raises(ValueError, match="pretrain_pair_order='shuffled': choose from left_to_right, random"):
+        ShapesWorldConfig(pretrain_pair_order="shuffled")

@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .questions import DEFAULT_QTYPES, QTYPES, ask, ask_many, captions, side
+from .questions import DEFAULT_QTYPES, QTYPES, ask, ask_many, captions, pair_caption, side
 from .scene import COLORS, SHAPES, render, sample_scene
 from .writers import ImageEntry, atomic_write_bytes, atomic_write_json, coco_captions, instances_and_refs, karpathy, png_bytes
 
 VERSION = 2  # 2: a conversation asks nothing its earlier turns answer
 SPLITS = ("train", "val", "test")
 IMAGE = "<image>"
+PAIR_ORDERS = ("left_to_right", "random")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ShapesWorldConfig:
     pretrain_max_shapes: int = 1
     pretrain_qtypes: tuple[str, ...] = ()
     pretrain_caption_side: bool = False
+    pretrain_pair_order: str = "left_to_right"
 
     def __post_init__(self) -> None:
         self.train_turns = dict(self.train_turns or {})  # null in a config: every type 1
@@ -66,6 +68,8 @@ class ShapesWorldConfig:
             )
         if not_asked := [q for q in self.train_turns if q not in self.qtypes]:
             raise ValueError(f"train_turns names types that are not asked: {not_asked} (qtypes: {list(self.qtypes)})")
+        if self.pretrain_pair_order not in PAIR_ORDERS:
+            raise ValueError(f"pretrain_pair_order={self.pretrain_pair_order!r}: choose from {', '.join(PAIR_ORDERS)}")
         if not 1 <= self.min_shapes <= self.max_shapes <= 6:
             raise ValueError(f"need 1 <= min_shapes <= max_shapes <= 6, got {self.min_shapes}, {self.max_shapes}")
 
@@ -147,7 +151,9 @@ def _write_pretrain(cfg: ShapesWorldConfig, root: Path, train: list[ImageEntry])
     question needs binding (the CPU default's curriculum); otherwise the train scenes.
     ``pretrain_qtypes`` adds one single-question record per scene and type (where the scene
     allows one), e.g. left/right on the two-object scenes, where a comparison has only one
-    other object to compare with.
+    other object to compare with. ``pretrain_pair_order="random"`` describes a two-object
+    scene from either object ("a blue square right of a red circle"), so the word after the
+    first name is a left/right comparison rather than a fixed word.
     """
     entries = train
     if cfg.num_pretrain:
@@ -157,6 +163,8 @@ def _write_pretrain(cfg: ShapesWorldConfig, root: Path, train: list[ImageEntry])
         text = e.captions[0]
         if cfg.pretrain_caption_side and len(e.scene) == 1:
             text += f" on the {side(e.scene[0], cfg.image_size)}"
+        if cfg.pretrain_pair_order == "random" and len(e.scene) == 2:
+            text = pair_caption(*random.Random(f"shapesworld:{cfg.seed}:pair_order:{e.id}").sample(e.scene, 2))
         pretrain.append({"id": e.id, "image": f"images/{e.file_name}", "qtype": "caption",
                          "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": text}]})
         rng = random.Random(f"shapesworld:{cfg.seed}:pretrain_questions:{e.id}")

@@ -45,14 +45,18 @@ def clear_side(s: Shape, size: int) -> str | None:
     return "left" if hi < size / 2 else "right" if lo > size / 2 else None
 
 
+def pair_caption(a: Shape, b: Shape) -> str:
+    """Two objects described from ``a``: "a blue square right of a red circle" (by centre)."""
+    return f"a {name(a)} {'left' if a.cx < b.cx else 'right'} of a {name(b)}"
+
+
 def caption(scene: list[Shape]) -> str:
     """Full description, objects named left to right."""
-    objs = [f"a {name(s)}" for s in sorted(scene, key=lambda s: s.cx)]
-    if len(objs) == 1:
-        return objs[0]
-    if len(objs) == 2:
-        return f"{objs[0]} left of {objs[1]}"
-    return f"{_join(objs)} from left to right"
+    ordered = sorted(scene, key=lambda s: s.cx)
+    if len(ordered) == 2:
+        return pair_caption(*ordered)
+    objs = [f"a {name(s)}" for s in ordered]
+    return objs[0] if len(objs) == 1 else f"{_join(objs)} from left to right"
 
 
 def captions(scene: list[Shape], rng: random.Random) -> list[str]:
