@@ -317,7 +317,10 @@ def test_pretrain_pairs_can_be_described_from_either_object(tmp_path):
 
     def pretrain_captions(folder, **extra):
         cfg = ShapesWorldConfig(root=str(tmp_path / folder), **pairs, **extra)
-        return {r["image"]: r["conversations"][1]["value"] for r in json.loads((generate(cfg) / "llava_pretrain.json").read_text())}
+        return {
+            r["image"]: r["conversations"][1]["value"]
+            for r in json.loads((generate(cfg) / "llava_pretrain.json").read_text())
+        }
 
     fixed, mixed = pretrain_captions("fixed"), pretrain_captions("mixed", pretrain_pair_order="random")
     assert fixed.keys() == mixed.keys()
