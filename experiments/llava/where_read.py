@@ -100,7 +100,8 @@ def main(ckpt: str, root: str = "data/shapesworld/llava_shapes") -> None:
         print(f"{qt} (n={n}): {accs}")
 
     feats, xs = [], []
-    for file, olist in list(((f, o) for f, o in objs.items() if "/train/" in f))[:1200]:
+    train = [(file, olist) for file, olist in objs.items() if "/train/" in file][:1200]
+    for file, olist in train:
         f = encode(tf(Image.open(root / file).convert("RGB"))[None])[0]
         for o in olist:
             x, y, w, h = o["bbox"]
