@@ -6,9 +6,11 @@ resume), ``vlm-train`` as a command (multirun, 2-rank CPU DDP, bad input), and `
 of every optimizer step and a hash of the final weights, per rank.
 """
 
+import importlib.util
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -300,6 +302,28 @@ def test_predict_with_a_missing_image_fails_in_one_line(trained_run, tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"cannot read image '{missing}': ")
+
+
+def test_where_read_diagnoses_the_trained_checkpoint(trained_run, shapesworld, capsys):
+    """experiments/llava/where_read.py runs on a real checkpoint and the data set's own files."""
+    spec = importlib.util.spec_from_file_location(
+        "where_read", Path(__file__).parents[1] / "experiments/llava/where_read.py"
+    )
+    where_read = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(where_read)
+    out, _ = trained_run
+    root = shapesworld_root(shapesworld)
+    where_read.main(str(out / "checkpoints" / "last.ckpt"), str(root))
+    lines = capsys.readouterr().out.strip().splitlines()
+    asked = Counter(r["qtype"] for r in json.loads((root / "llava_val.json").read_text()))
+    want = [f"{qt} (n={asked[qt]})" for qt in where_read.QTYPES if asked[qt]]
+    assert [line.split(":")[0] for line in lines[:-1]] == want
+    for line in lines[:-1]:
+        accs = re.fullmatch(r".*: all tokens (\S+), named only (\S+), all but named (\S+)", line).groups()
+        assert all(0.0 <= float(a) <= 1.0 for a in accs)
+    assert re.fullmatch(
+        r"x from the centre token \(\d+ held-out objects\): R² -?\d+\.\d\d, half \d\.\d\d", lines[-1]
+    )
 
 
 def test_eval_of_the_best_checkpoint_reproduces_the_training_test_accuracy(trained_run, tmp_path):

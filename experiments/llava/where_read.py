@@ -45,8 +45,8 @@ def named(qtype: str, question: str, objs: list[dict]) -> list[dict]:
     return [o for o in objs if f"{o['color']} {o['shape']}" in question]
 
 
+@torch.no_grad()
 def main(ckpt: str, root: str = "data/shapesworld/llava_shapes") -> None:
-    torch.set_grad_enabled(False)
     module = VLMLitModule.from_checkpoint(ckpt)
     model, proc, root = module.model, module.processor, Path(root)
     side = int(model.num_image_tokens**0.5)
@@ -93,7 +93,8 @@ def main(ckpt: str, root: str = "data/shapesworld/llava_shapes") -> None:
             tot[r["qtype"], mode] += 1
             hit[r["qtype"], mode] += int(logits["logits"][0, t - 1].argmax() == it["labels"][t])
     for qt in QTYPES:
-        n = tot[qt, "all tokens"]
+        if not (n := tot[qt, "all tokens"]):
+            continue
         accs = ", ".join(
             f"{mode} {hit[qt, mode] / n:.2f}" for mode in ("all tokens", "named only", "all but named")
         )
