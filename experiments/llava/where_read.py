@@ -77,13 +77,14 @@ def main(ckpt: str, root: str = "data/shapesworld/llava_shapes") -> None:
             *map(tokens, named(r["qtype"], r["conversations"][0]["value"], objs[r["image"]]))
         )
         t = int((it["labels"] != -100).nonzero()[0])
+        full = encode(it["pixel_values"][None])
         for mode, keep in (
             ("all tokens", set(range(side**2))),
             ("named only", target),
             ("all but named", set(range(side**2)) - target),
         ):
             drop = [k for k in range(side**2) if k not in keep]
-            feats = encode(it["pixel_values"][None])
+            feats = full.clone()
             feats[0, drop] = blank[drop]
             model.encode_images = lambda _pv, f=feats: f
             logits = model(

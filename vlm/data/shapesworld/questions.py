@@ -46,8 +46,9 @@ def clear_side(s: Shape, size: int) -> str | None:
 
 
 def pair_caption(a: Shape, b: Shape) -> str:
-    """Two objects described from ``a``: "a blue square right of a red circle" (by centre)."""
-    return f"a {name(a)} {'left' if a.cx < b.cx else 'right'} of a {name(b)}"
+    """Two objects described from ``a``: "a blue square right of a red circle" (by centre; a
+    tie says "left", as the left-to-right caption always did)."""
+    return f"a {name(a)} {'left' if a.cx <= b.cx else 'right'} of a {name(b)}"
 
 
 def caption(scene: list[Shape]) -> str:
