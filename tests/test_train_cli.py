@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
+from numerics import REFERENCE
 from omegaconf import DictConfig, OmegaConf
 from runs import (
     PROBE,
@@ -105,6 +106,8 @@ def test_experiment_fast_dev_run(experiment, shapesworld, tmp_path):
             assert torch.isfinite(torch.tensor(metrics["train/loss"]))
             scored = f"test/{cfg.monitor.split('/', 1)[1]}" if cfg.monitor else "test/acc"  # acc, cider
             assert (scored in metrics) == cfg.test
+            reference = json.loads(REFERENCE.read_text())["fast_dev_run"][experiment]
+            assert metrics == pytest.approx(reference, abs=1e-6)  # same names, same values
             return
         with pytest.raises(CheckpointMissingError) as err:
             train(cfg)
