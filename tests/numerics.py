@@ -28,21 +28,10 @@ TINY_EXPERIMENTS = (
 
 
 def fast_dev_run_overrides(experiment: str, data_dir: Path) -> list[str]:
-    """One train, val and test batch of ``experiment`` on the shared tiny ShapesWorld (stage-1
-    experiments with 16 caption scenes of their own)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-    from runs import compose_run, data_overrides
+    """One train, val and test batch of ``experiment`` on the shared tiny ShapesWorld."""
+    from runs import experiment_overrides
 
-    overrides = [f"experiment={experiment}", "++trainer.fast_dev_run=true", "logger=csv"]
-    try:
-        as_written = compose_run(overrides, data_dir)
-    finally:
-        HydraConfig.instance().cfg = None
-    tiny = data_overrides(data_dir)
-    if OmegaConf.select(as_written, "data.shapesworld.num_pretrain", default=None):
-        tiny.append("data.shapesworld.num_pretrain=16")
-    return [*overrides, *tiny]
+    return experiment_overrides(experiment, data_dir, "++trainer.fast_dev_run=true", "logger=csv")
 
 
 def stage1_overrides(data_dir: Path) -> list[str]:

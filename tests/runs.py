@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
 
 from vlm.cli.common import CONFIG_DIR
 from vlm.cli.train import train
+from vlm.core.zoo.errors import UnknownModelError
+from vlm.core.zoo.registry import llm_entry, vision_entry
 
 APPS = Path(__file__).parent / "apps"  # train_probes, importable by console-script runs too
 BIN = Path(sys.executable).parent  # the venv's console scripts
@@ -31,6 +34,11 @@ def data_overrides(data_dir: Path) -> list[str]:
         "data.batch_size=8",
         "data.max_val_samples=16",
     ]
+
+
+def cli_train_args(data_dir: Path, log_dir: Path) -> list[str]:
+    """``vlm-train`` as a command on the tiny ShapesWorld: csv logs under ``log_dir``, no test."""
+    return [*data_overrides(data_dir), f"paths.log_dir={log_dir}", "logger=csv", "test=false"]
 
 
 def steps(n: int, val_every: int) -> list[str]:
@@ -55,6 +63,59 @@ def compose_run(overrides: list[str], output_dir: Path) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def experiment_names() -> list[str]:
+    return sorted(
+        p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml") if not p.stem.startswith("_")
+    )
+
+
+def experiment_overrides(experiment: str, data_dir: Path, *extra: str) -> list[str]:
+    """``experiment`` on the shared tiny ShapesWorld under ``data_dir`` (stage-1 experiments
+    with 16 caption scenes of their own), then ``extra``; one on real data files as it is."""
+    try:
+        as_written = compose_run([f"experiment={experiment}"], data_dir)
+    finally:
+        HydraConfig.instance().cfg = None
+    if as_written.data.source != "shapesworld":
+        return [f"experiment={experiment}", *extra]
+    tiny = data_overrides(data_dir)
+    if OmegaConf.select(as_written, "data.shapesworld.num_pretrain", default=None):
+        tiny.append("data.shapesworld.num_pretrain=16")
+    return [f"experiment={experiment}", *tiny, *extra]
+
+
+def pretrained_hub_ids(cfg: DictConfig) -> set[str]:
+    """Hub ids of every zoo part (and hub tokenizer) the config loads with real weights."""
+    found: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if node.get("pretrained") is True and isinstance(node.get("name"), str):
+                try:
+                    entry = vision_entry(node["name"])
+                except UnknownModelError:
+                    entry = llm_entry(node["name"])
+                found.add(entry.hub_id or node["name"])  # timm: its own hub id, named by the error
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.tokenizer.get("name") not in (None, "auto"):
+        found.add(cfg.tokenizer.name)
+    return found
+
+
+def offline_reason(cfg: DictConfig) -> str | None:
+    """Why a composed run cannot run on a test machine (its data files or hub weights), else None."""
+    if cfg.data.source != "shapesworld":
+        return f"reads {cfg.data.source} files, which a test machine does not have"
+    hub_ids = pretrained_hub_ids(cfg)
+    return f"loads hub weights {sorted(hub_ids)}" if hub_ids else None
 
 
 def run_train(overrides: list[str], output_dir: Path) -> dict[str, float]:
@@ -113,6 +174,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def encode_batch(processor, samples: list[dict], prompts: bool = False) -> dict:
+    """Samples as the data module batches them: training items, or prompts to generate from."""
+    if prompts:
+        return processor.collate_prompts([processor.encode_prompt(s) for s in samples])
+    return processor.collate([processor.encode(s) for s in samples])
+
+
+def vqa_batch(module, prompts: bool = False, colours=("red", "blue")) -> dict:
+    """One question about a plain image of each colour, through the module's own processor."""
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red circle"}]
+    samples = [{"image": Image.new("RGB", (32, 32), c), "conversations": turns} for c in colours]
+    return encode_batch(module.processor, samples, prompts)
+
+
+def open_gates(part: torch.nn.Module, value: float = 0.5) -> None:
+    """Every tanh gate of ``part`` (``*_gate``) set off zero, so what is behind it acts."""
+    for name, p in part.named_parameters():
+        if name.endswith("_gate"):
+            p.data.fill_(value)
 
 
 def on_cuda(batch: dict) -> dict:

@@ -10,8 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
-from PIL import Image
-from runs import cli, data_overrides, metrics_rows, one_thread, run_train, steps
+from runs import cli, data_overrides, metrics_rows, run_train, steps, vqa_batch
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR
@@ -21,11 +20,7 @@ from vlm.families.calm.composition import CompositionModule, attention_entropy
 from vlm.families.calm.layers import augmenting_layer, composition_layers
 from vlm.families.calm.tower import CalmTower
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def anchor_tower(depth: int = 4):
@@ -162,13 +157,6 @@ def calm_module(*overrides: str):
     tokenizer = hydra.utils.instantiate(cfg.tokenizer, corpus=["a red circle left of a blue square"] * 20)
     torch.manual_seed(0)
     return build_module(cfg, tokenizer)
-
-
-def vqa_batch(module):
-    proc = module.processor
-    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red circle"}]
-    items = [proc({"image": Image.new("RGB", (32, 32), c), "conversations": turns}) for c in ("red", "blue")]
-    return proc.collate(items)
 
 
 def calm_grads(module) -> dict[str, torch.Tensor]:

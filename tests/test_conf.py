@@ -18,11 +18,11 @@ from omegaconf.errors import MissingMandatoryValue
 
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.core import schedulers
-from vlm.core.runtime.callbacks import instantiate_callbacks
-from vlm.core.runtime.checkpoint_io import AtomicCheckpointIO
-from vlm.core.runtime.identity import choice_tags, run_name
-from vlm.core.runtime.loggers import instantiate_loggers, resolve_wandb_mode
-from vlm.core.runtime.trainer import instantiate_trainer
+from vlm.runtime.callbacks import instantiate_callbacks
+from vlm.runtime.checkpoint_io import AtomicCheckpointIO
+from vlm.runtime.identity import choice_tags, run_name
+from vlm.runtime.loggers import instantiate_loggers, resolve_wandb_mode
+from vlm.runtime.trainer import make_trainer
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -112,7 +112,7 @@ def test_cpu_trainers_instantiate(option, accelerator, world_size, tmp_path):
 def test_ddp_trainer_refuses_to_relaunch_pytest(tmp_path):
     cfg = compose_train(["trainer=ddp_cpu"], tmp_path)
     with pytest.raises(RuntimeError, match="re-running the entry script, here pytest"):
-        instantiate_trainer(cfg.trainer)
+        make_trainer(cfg, harness=False)
 
 
 def test_debug_fdr_sets_fast_dev_run(tmp_path):

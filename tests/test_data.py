@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader
 from vlm.data.datamodule import GENERATE, LOSS, VLMDataModule
 from vlm.data.datasets import BadSampleError, ConversationDataset
 from vlm.data.readers import DataFormatError, caption_conversations, read_coco_captions, read_llava_json
-from vlm.data.shapesworld import ShapesWorldConfig, generate
 
-SW = dict(seed=1, image_size=32, num_train=10, num_val=4, num_test=4, questions_per_image=3)
+WORLD = dict(seed=1, image_size=32, num_train=10, num_val=4, num_test=4, questions_per_image=3)
 
 
 class FakeProcessor:
@@ -30,12 +29,24 @@ class FakeProcessor:
 
     pad = 0
 
-    def __call__(self, sample: dict, mode: str = "train") -> dict:
+    def encode(self, sample: dict) -> dict:
+        return self._encode(sample, prompt=False)
+
+    def encode_prompt(self, sample: dict) -> dict:
+        return self._encode(sample, prompt=True)
+
+    def collate(self, items: list) -> dict:
+        return self._collate(items, left=False)
+
+    def collate_prompts(self, items: list) -> dict:
+        return self._collate(items, left=True)
+
+    def _encode(self, sample: dict, prompt: bool) -> dict:
         turns = sample["conversations"]
-        prompt = "".join(t["value"] for t in turns[:-1])
-        ids = [ord(c) for c in prompt]
+        text = "".join(t["value"] for t in turns[:-1])
+        ids = [ord(c) for c in text]
         pixels = torch.from_numpy(np.array(sample["image"])).permute(2, 0, 1).float()  # 3,H,W
-        if mode == "generate":
+        if prompt:
             return {
                 "input_ids": torch.tensor(ids),
                 "pixel_values": pixels,
@@ -51,10 +62,9 @@ class FakeProcessor:
             "id": sample["id"],
         }
 
-    def collate(self, items: list, mode: str = "train") -> dict:
+    def _collate(self, items: list, left: bool) -> dict:
         items = [it for it in items if it is not None]
         width = max(len(it["input_ids"]) for it in items)
-        left = mode == "generate"
 
         def pad(seq: torch.Tensor, value: int) -> torch.Tensor:
             fill = torch.full((width - len(seq),), value)
@@ -65,20 +75,15 @@ class FakeProcessor:
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "id": [it["id"] for it in items],
         }
-        if mode == "generate":
+        if left:
             batch.update(answer=[it["answer"] for it in items], meta=[it["meta"] for it in items])
         else:
             batch["labels"] = torch.stack([pad(it["labels"], -100) for it in items])
         return batch
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return generate(ShapesWorldConfig(root=str(tmp_path_factory.mktemp("sw")), **SW))
-
-
 def make_dm(world: Path, **kw) -> VLMDataModule:
-    dm = VLMDataModule(root=str(world), shapesworld=SW, **kw)
+    dm = VLMDataModule(root=str(world), shapesworld=WORLD, **kw)
     dm.prepare_data()
     dm.attach(FakeProcessor())
     return dm
@@ -88,7 +93,7 @@ def make_dm(world: Path, **kw) -> VLMDataModule:
 def test_llava_json_round_trip(world):
     records = read_llava_json(world / "llava_train.json")
     ds = ConversationDataset(records, world, source="llava_train.json")
-    assert len(ds) == len(records) == SW["num_train"]  # multi-turn: one record per image
+    assert len(ds) == len(records) == WORLD["num_train"]  # multi-turn: one record per image
     for k in (0, len(ds) - 1):
         s, rec = ds[k], records[k]
         assert s["id"] == rec["id"] and s["conversations"] == rec["conversations"]
@@ -303,7 +308,7 @@ def test_datamodule_counts_and_logs_image_failures(world, tmp_path, caplog):
     dm.attach(FakeProcessor())
     ids = [i for b in dm.train_dataloader() for i in b["id"]]
     assert sorted(ids) == ["r0", "r1", "r3"]
-    assert dm.bad_samples() == {"train": {"unreadable image": 1}}
+    assert dm.datasets["train"].bad_samples == {"unreadable image": 1}
     with caplog.at_level(logging.WARNING):
         dm.teardown("fit")
         dm.teardown("test")
@@ -318,7 +323,12 @@ def test_instantiate_from_hydra_config(tmp_path):
             "_target_": "vlm.data.datamodule.VLMDataModule",
             "root": str(tmp_path / "sw"),
             "batch_size": 2,
-            "shapesworld": {**SW, "num_train": 3, "colors": ["red", "blue"], "train_turns": {"position": 3}},
+            "shapesworld": {
+                **WORLD,
+                "num_train": 3,
+                "colors": ["red", "blue"],
+                "train_turns": {"position": 3},
+            },
         }
     )
     dm = hydra.utils.instantiate(cfg)

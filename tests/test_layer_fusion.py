@@ -15,24 +15,32 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from PIL import Image
-from runs import cli, compose_run, data_overrides, metrics_rows, on_cuda, one_thread, run_train, steps
+from runs import (
+    cli,
+    compose_run,
+    data_overrides,
+    encode_batch,
+    metrics_rows,
+    on_cuda,
+    open_gates,
+    run_train,
+    steps,
+    vqa_batch,
+)
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.cli.common import PROJECT_ROOT as ROOT
 from vlm.core.lit_module import VLMLitModule
 from vlm.core.llava import LlavaModel
-from vlm.core.runtime.identity import run_identity
 from vlm.families.layer_fusion.layers import llm_target, resolve
+from vlm.runtime.identity import run_identity
 
 SETS = ["18", "3-18", "3-18-23", "former", "latter", "all"]
 STRATEGIES = ["E_D", "E_M", "I_D", "I_M"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def layer_set(name: str, depth: int):
@@ -100,19 +108,6 @@ def fusion_module(
     return build_module(cfg, tokenizer)
 
 
-def vqa_batch(module, mode: str = "train", colours=("red", "blue")):
-    proc = module.processor
-    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red circle"}]
-    items = [proc({"image": Image.new("RGB", (32, 32), c), "conversations": turns}, mode) for c in colours]
-    return proc.collate(items, mode)
-
-
-def open_gates(module, value: float = 0.5) -> None:
-    for name, p in module.model.fusion.named_parameters():
-        if name.endswith("_gate"):
-            p.data.fill_(value)
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_each_strategy_keeps_the_image_token_count_and_the_projector_width(strategy):
     module = fusion_module(strategy)
@@ -138,7 +133,7 @@ def test_zero_init_modular_fusion_is_exactly_plain_llava_until_the_gates_open(st
     with torch.no_grad():
         expected = plain(*args)["logits"]
         assert torch.equal(m(*args)["logits"], expected)
-        open_gates(module)
+        open_gates(module.model.fusion)
         assert not torch.allclose(m(*args)["logits"], expected, atol=1e-3)
 
 
@@ -146,7 +141,7 @@ def cached_and_recomputed_logits(module, n: int = 3):
     """Scores of KV-cached greedy decoding, and the logits of a full forward pass over the
     prompt plus what was generated: equal only when decode steps run the training model."""
     model = module.model.eval()
-    batch = vqa_batch(module, "generate")
+    batch = vqa_batch(module, prompts=True)
     out = model.generate(
         batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=n,
         min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
@@ -162,17 +157,17 @@ def cached_and_recomputed_logits(module, n: int = 3):
 @pytest.mark.parametrize("strategy", ["I_D", "I_M"])
 def test_internal_injection_runs_at_prefill_and_decode_matches_a_full_forward(strategy, monkeypatch):
     module = fusion_module(strategy)
-    open_gates(module)
+    open_gates(module.model.fusion)
     fusion = module.model.fusion
     calls: list[tuple[int, bool]] = []
-    inject = fusion._inject
+    inject = fusion.inject
 
-    def spy(target, hidden, is_image):
-        new = inject(target, hidden, is_image)
+    def spy(layer, hidden):
+        new = inject(layer, hidden)
         calls.append((hidden.shape[1], new is not hidden))
         return new
 
-    monkeypatch.setattr(fusion, "_inject", spy)
+    monkeypatch.setattr(fusion, "inject", spy)
     with torch.no_grad():
         cached, full = cached_and_recomputed_logits(module)
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
@@ -193,7 +188,7 @@ OWN_PRESET = [
 @pytest.mark.parametrize("llm", ["tiny_qwen2", "tiny_qwen3", "tiny_gpt2", "tiny_gpt_neo"])
 def test_internal_fusion_hooks_other_decoders_the_same_way(llm):
     module = fusion_module("I_M", "3-18-23", f"llm={llm}", *OWN_PRESET)
-    open_gates(module)
+    open_gates(module.model.fusion)
     m = module.model
     batch = vqa_batch(module)
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
@@ -208,13 +203,12 @@ def test_internal_fusion_hooks_other_decoders_the_same_way(llm):
 
 def test_a_text_only_sample_keeps_its_states_under_internal_fusion():
     module = fusion_module("I_M")
-    open_gates(module)
-    proc = module.processor
-    text = proc({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"}]})
+    open_gates(module.model.fusion)
+    text = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "red"}]}
     turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red circle"}]
-    both = proc.collate([text, proc({"image": Image.new("RGB", (32, 32), "red"), "conversations": turns})])
+    image = {"image": Image.new("RGB", (32, 32), "red"), "conversations": turns}
+    both, alone = encode_batch(module.processor, [text, image]), encode_batch(module.processor, [text])
     m = module.model.eval()
-    alone = proc.collate([text])
     with torch.no_grad():
         got = m(both["input_ids"], both["attention_mask"], both["pixel_values"])["logits"][0]
         ref = m(alone["input_ids"], alone["attention_mask"], None)["logits"][0]
@@ -233,7 +227,7 @@ def test_every_fusion_parameter_gets_the_same_gradient_with_and_without_checkpoi
     grads = {}
     for ckpt in (False, True):
         module = fusion_module(strategy, "3-18-23", f"family.gradient_checkpointing={ckpt}")
-        open_gates(module)  # tanh(0) passes no gradient behind the gate
+        open_gates(module.model.fusion)  # tanh(0) passes no gradient behind the gate
         grads[ckpt] = fusion_grads(module)
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for name, g in grads[True].items():
@@ -253,7 +247,7 @@ def test_closed_gates_train_first():
 )
 def test_stage_one_trains_projectors_and_fusion_and_stage_two_adds_the_llm(stage, trained):
     module = fusion_module("I_M", "3-18-23", f"stage={stage}", base="family=layer_fusion")  # the stock stages
-    parts = module.parts()
+    parts = module.model.parts()
     assert {n for n, p in parts.items() if any(q.requires_grad for q in p.parameters())} == trained
     rows = {r["component"]: r for r in module.parameter_rows()}
     assert rows["fusion"]["trainable"] == rows["fusion"]["total"] > 0
@@ -360,7 +354,7 @@ def test_real_experiments_carry_the_papers_run_names_and_fusion_tags(experiment,
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_each_strategy_trains_under_bf16_autocast_on_the_gpu(strategy):
     module = fusion_module(strategy).cuda().train()
-    open_gates(module)
+    open_gates(module.model.fusion)
     batch = on_cuda(vqa_batch(module))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = module(batch)["loss"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from runs import encode_batch
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR
@@ -45,15 +46,15 @@ def make(tokenizer, llm_name="tiny_llama"):
     return model, proc
 
 
-def batch_of(proc, n=2, mode="train"):
+def batch_of(proc, n=2, prompts=False):
     imgs = [Image.new("RGB", (64, 64), c) for c in ["red", "blue", "green"][:n]]
-    return proc.collate([proc({"image": im, "conversations": CONV}, mode) for im in imgs], mode)
+    return encode_batch(proc, [{"image": im, "conversations": CONV} for im in imgs], prompts)
 
 
 def test_features_replace_exactly_the_image_slots(tokenizer):
     model, proc = make(tokenizer)
     batch = batch_of(proc)
-    embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"])
     feats = model.encode_images(batch["pixel_values"])
     slots = batch["input_ids"] == model.image_token_id
     assert slots.sum(1).tolist() == [model.num_image_tokens] * 2
@@ -95,13 +96,13 @@ def test_qtype_weights_weigh_each_reply_by_its_question_type(tokenizer):
     proc.qtype_weights = {"exists": 4.0}
     sample = {"image": Image.new("RGB", (64, 64), "red"), "conversations": CONV}
     sample["meta"] = {"qtypes": ["color", "exists"]}
-    item = proc(sample)
+    item = proc.encode(sample)
     w, labels = item["loss_weights"], item["labels"]
     assert ((w > 0) == (labels != IGNORE_INDEX)).all()  # weights sit exactly on the targets
     replies = (labels != IGNORE_INDEX).int()
     starts = (replies[1:] - replies[:-1] == 1).nonzero().squeeze(1) + 1  # first token of each reply
     assert w[starts].tolist() == [1.0, 4.0]
-    batch = proc.collate([item, proc({**sample, "meta": {"qtype": "color"}})])
+    batch = proc.collate([item, proc.encode({**sample, "meta": {"qtype": "color"}})])
     assert batch["loss_weights"][1].max() == 1.0 and batch["loss_weights"].shape == batch["labels"].shape
     args = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
     loss = model(**args, loss_weights=batch["loss_weights"])["loss"]
@@ -117,7 +118,7 @@ def test_generate_greedy_matches_manual_argmax_decoding(tokenizer):
     """KV-cached generation reproduces step-by-step argmax over full re-computation."""
     model, proc = make(tokenizer)
     model.eval()
-    batch = batch_of(proc, n=1, mode="generate")
+    batch = batch_of(proc, n=1, prompts=True)
     out = model.generate(
         batch["input_ids"],
         batch["attention_mask"],
@@ -138,7 +139,7 @@ def test_generate_greedy_matches_manual_argmax_decoding(tokenizer):
 @pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, temperature=0.7, top_p=0.9)])
 def test_generate_batched_beam_and_sampling(tokenizer, mode):
     model, proc = make(tokenizer)
-    batch = batch_of(proc, n=3, mode="generate")
+    batch = batch_of(proc, n=3, prompts=True)
     out = model.generate(
         batch["input_ids"],
         batch["attention_mask"],

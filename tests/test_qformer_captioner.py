@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
-from runs import cli, data_overrides, metrics_rows, on_cuda, one_thread, run_train
+from runs import cli, data_overrides, encode_batch, metrics_rows, on_cuda, open_gates, run_train
 
 from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR
@@ -27,10 +27,7 @@ from vlm.families.qformer_captioner.qformer import QFormer
 CAPTIONS = ["a red circle left of a blue square", "two shapes on a plain background", "a green triangle"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def captioner(*overrides: str, base: str = "experiment=qformer_shapes", tune_decoder: str | None = None):
@@ -44,25 +41,15 @@ def captioner(*overrides: str, base: str = "experiment=qformer_shapes", tune_dec
     return build_module(cfg, tokenizer)
 
 
-def caption_batch(module, mode: str = "train", colours=("red", "blue"), captions=CAPTIONS[:2]):
-    proc = module.processor
-    items = [
-        proc(
-            {
-                "image": Image.new("RGB", (32, 32), colour),
-                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": text}],
-            },
-            mode,
-        )
+def caption_batch(module, prompts: bool = False, colours=("red", "blue"), captions=CAPTIONS[:2]):
+    samples = [
+        {
+            "image": Image.new("RGB", (32, 32), colour),
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": text}],
+        }
         for colour, text in zip(colours, captions, strict=True)
     ]
-    return proc.collate(items, mode)
-
-
-def open_gates(module, value: float = 0.5) -> None:
-    for name, p in module.model.conditioning.named_parameters():
-        if name.endswith("_gate"):
-            p.data.fill_(value)
+    return encode_batch(module.processor, samples, prompts)
 
 
 # --- the Q-Former -------------------------------------------------------------------------------
@@ -109,7 +96,7 @@ def test_cross_attention_leaves_the_decoder_exactly_unchanged_until_the_gates_op
         assert torch.equal(fused, plain)
         hf = model.llm(input_ids=args[0], attention_mask=args[1]).logits
         assert torch.allclose(plain, hf, atol=1e-5)
-        open_gates(module)
+        open_gates(module.model.conditioning)
         red, blue = model(*args)["logits"]
         swapped = model(args[0], args[1], args[2].flip(0))["logits"]
     assert not torch.allclose(red, plain[0], atol=1e-4)
@@ -126,7 +113,7 @@ def test_closed_gates_pass_gradient_to_the_gates_only_then_to_the_qformer():
     assert all(g.grad is not None and g.grad.abs() > 0 for g in gates)
     assert all(p.grad is None or not p.grad.any() for p in model.connector.parameters())
     module.zero_grad()
-    open_gates(module)
+    open_gates(module.model.conditioning)
     model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])[
         "loss"
     ].backward()
@@ -157,7 +144,7 @@ def test_every_trained_parameter_gets_the_same_gradient_with_and_without_checkpo
     grads = {}
     for ckpt in (False, True):
         module = captioner(f"conditioning={mode}", f"family.gradient_checkpointing={ckpt}", "unfreeze=all")
-        open_gates(module)  # tanh(0) passes no gradient behind the gate
+        open_gates(module.model.conditioning)  # tanh(0) passes no gradient behind the gate
         grads[ckpt] = trained_grads(module)
     assert grads[True].keys() == grads[False].keys()
     assert any(k.startswith("model.connector.") for k in grads[True])  # the Q-Former learns
@@ -186,9 +173,9 @@ def test_labels_are_the_caption_and_eos_only_and_captions_are_cut_to_caption_len
 @pytest.mark.parametrize("mode", ["cross_attention", "prefix"])
 def test_kv_cached_greedy_decoding_matches_full_forward_passes(mode):
     module = captioner(f"conditioning={mode}")
-    open_gates(module)
+    open_gates(module.model.conditioning)
     model = module.model.eval()
-    batch = caption_batch(module, "generate")
+    batch = caption_batch(module, prompts=True)
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
     kw = {"pad_token_id": pad, "eos_token_id": eos}
@@ -301,7 +288,7 @@ def test_train_runs_the_phases_scores_captions_and_draws_the_analysis(shapesworl
     files = {p.name for p in (tmp_path / "export").iterdir()}
     assert {"config.json", "tokenizer", "qformer.safetensors", "decoder.safetensors"} <= files
     loaded = load_pretrained(tmp_path / "export")
-    batch = caption_batch(module, "generate", colours=("red", "blue", "green"), captions=CAPTIONS)
+    batch = caption_batch(module, prompts=True, colours=("red", "blue", "green"), captions=CAPTIONS)
     assert module.generate(batch) == loaded.generate(batch)
     assert module.generate(batch, num_beams=2) == loaded.generate(batch, num_beams=2)
     # the checkpoint as a user queries it: a caption for an image, the test scores again
@@ -323,9 +310,9 @@ def test_analysis_draws_every_figure_and_logs_them_to_wandb(mode, tmp_path):
     from vlm.families.qformer_captioner.analysis import FIGURES, word_attention, write_analysis
 
     module = captioner(f"conditioning={mode}")
-    open_gates(module)
+    open_gates(module.model.conditioning)
     module.eval()
-    batch = caption_batch(module, "generate", colours=("red", "blue", "green"), captions=CAPTIONS)
+    batch = caption_batch(module, prompts=True, colours=("red", "blue", "green"), captions=CAPTIONS)
     batch["references"] = [[c] for c in CAPTIONS]
     tok = module.tokenizer
     new = module.model.generate(
@@ -394,7 +381,7 @@ def test_the_sweep_file_defines_unfreezing_x_queries_x_conditioning():
 @pytest.mark.parametrize("mode", ["cross_attention", "prefix"])
 def test_trains_and_captions_under_bf16_autocast_on_the_gpu(mode):
     module = captioner(f"conditioning={mode}").cuda().train()
-    open_gates(module)
+    open_gates(module.model.conditioning)
     batch = on_cuda(caption_batch(module))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = module(batch)["loss"]
@@ -402,6 +389,6 @@ def test_trains_and_captions_under_bf16_autocast_on_the_gpu(mode):
     assert torch.isfinite(loss)
     assert module.model.connector.queries.grad.abs().sum() > 0
     module.eval()
-    prompts = on_cuda(caption_batch(module, "generate"))
+    prompts = on_cuda(caption_batch(module, prompts=True))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert len(module.generate(prompts, num_beams=2)) == 2

@@ -14,10 +14,10 @@ from omegaconf import open_dict
 
 from vlm.cli.common import CONFIG_DIR
 from vlm.core.optim import build_optimizer, configure_optimizers
-from vlm.core.runtime.checkpoint_io import AtomicCheckpointIO
-from vlm.core.runtime.distributed import job_argv
-from vlm.core.runtime.task import JobFailedError, task_wrapper
 from vlm.core.schedulers import cosine_warmup
+from vlm.runtime.checkpoint_io import AtomicCheckpointIO
+from vlm.runtime.distributed import job_argv
+from vlm.runtime.task import JobFailedError, task_wrapper
 
 # --- atomic checkpoints ------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from PIL import Image
 from vlm.data.shapesworld import ShapesWorldConfig, generate
 from vlm.data.shapesworld.scene import BACKGROUND, COLORS
 
-SMALL = dict(seed=3, image_size=48, num_train=40, num_val=10, num_test=120, questions_per_image=6)
+WORLD = dict(seed=3, image_size=48, num_train=40, num_val=10, num_test=120, questions_per_image=6)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -24,11 +24,6 @@ def _files(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != ".lock"
     }
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return generate(ShapesWorldConfig(root=str(tmp_path_factory.mktemp("sw")), **SMALL))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +64,7 @@ def _expected(question: str, objs: list[dict]) -> str | None:
         return "left" if a["x1"] < b["x0"] else "right" if b["x1"] < a["x0"] else None
     if m := re.fullmatch(r"Is the (\w+) (\w+) on the left or the right\?", question):
         a = [o for o in objs if (o["color"], o["shape"]) == (m[1], m[2])]
-        mid = SMALL["image_size"] / 2
+        mid = WORLD["image_size"] / 2
         return None if len(a) != 1 else "left" if a[0]["x1"] < mid else "right" if a[0]["x0"] > mid else None
     if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
         return "yes" if any((o["color"], o["shape"]) == (m[1], m[2]) for o in objs) else "no"
@@ -82,9 +77,9 @@ def _expected(question: str, objs: list[dict]) -> str | None:
 
 
 def test_same_seed_same_bytes_other_seed_other_images(world, tmp_path):
-    again = generate(ShapesWorldConfig(root=str(tmp_path / "a"), **SMALL))
+    again = generate(ShapesWorldConfig(root=str(tmp_path / "a"), **WORLD))
     assert _files(again) == _files(world)
-    other = generate(ShapesWorldConfig(root=str(tmp_path / "b"), **{**SMALL, "seed": 4}))
+    other = generate(ShapesWorldConfig(root=str(tmp_path / "b"), **{**WORLD, "seed": 4}))
     png = "images/train/train_000000.png"
     assert (other / png).read_bytes() != (world / png).read_bytes()
 
@@ -131,7 +126,7 @@ def test_side_questions_are_opt_in_and_match_the_scene(world, tmp_path):
     shape that lies wholly in one half; the default question types leave it out."""
     assert "side" not in {r["qtype"] for r in json.loads((world / "llava_test.json").read_text())}
     qtypes = ("color", "shape", "count", "position", "exists", "side")
-    root = generate(ShapesWorldConfig(root=str(tmp_path), **SMALL, qtypes=qtypes))
+    root = generate(ShapesWorldConfig(root=str(tmp_path), **WORLD, qtypes=qtypes))
     scene = scene_objects(root)
     answers = []
     for split in ("train", "test"):
@@ -146,7 +141,7 @@ def test_side_questions_are_opt_in_and_match_the_scene(world, tmp_path):
 
 
 def test_train_turns_give_a_type_more_turns_and_leave_eval_splits_alone(world, tmp_path):
-    root = generate(ShapesWorldConfig(root=str(tmp_path), **SMALL, train_turns={"position": 3}))
+    root = generate(ShapesWorldConfig(root=str(tmp_path), **WORLD, train_turns={"position": 3}))
 
     def position_turns(r: Path) -> int:
         train = json.loads((r / "llava_train.json").read_text())
@@ -161,11 +156,11 @@ def test_train_turns_give_a_type_more_turns_and_leave_eval_splits_alone(world, t
 
 def test_single_turn_train_records(tmp_path):
     root = generate(
-        ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "multi_turn": False, "questions_per_image": 3})
+        ShapesWorldConfig(root=str(tmp_path), **{**WORLD, "multi_turn": False, "questions_per_image": 3})
     )
     train = json.loads((root / "llava_train.json").read_text())
     assert all(len(r["conversations"]) == 2 and r["qtype"] == r["qtypes"][0] for r in train)
-    assert len(train) == 3 * SMALL["num_train"]
+    assert len(train) == 3 * WORLD["num_train"]
 
 
 POSITION_Q = re.compile(r"Is the (\w+ \w+) left or right of the (\w+ \w+)\?")
@@ -214,7 +209,7 @@ def test_no_turn_answered_by_earlier_turns(world):
 
 def test_caption_formats(world):
     pre = json.loads((world / "llava_pretrain.json").read_text())
-    assert len(pre) == SMALL["num_train"] and pre[0]["conversations"][0] == {
+    assert len(pre) == WORLD["num_train"] and pre[0]["conversations"][0] == {
         "from": "human",
         "value": "<image>",
     }
@@ -256,20 +251,20 @@ def test_refs_masks_and_unique_expressions(world, scenes):
 
 
 def test_idempotent_and_regenerates_on_new_config(tmp_path):
-    cfg = ShapesWorldConfig(root=str(tmp_path), **SMALL)
+    cfg = ShapesWorldConfig(root=str(tmp_path), **WORLD)
     generate(cfg)
     manifest = tmp_path / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     generate(cfg)
     assert manifest.stat().st_mtime_ns == stamp
-    generate(ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "num_train": 20}))
+    generate(ShapesWorldConfig(root=str(tmp_path), **{**WORLD, "num_train": 20}))
     assert json.loads(manifest.read_text())["config"]["num_train"] == 20
     assert len(list((tmp_path / "images" / "train").glob("*.png"))) == 20
     assert len(json.loads((tmp_path / "llava_pretrain.json").read_text())) == 20
 
 
 def test_concurrent_generators_leave_complete_files(world, tmp_path):
-    cfg = ShapesWorldConfig(root=str(tmp_path), **SMALL)
+    cfg = ShapesWorldConfig(root=str(tmp_path), **WORLD)
     threads = [threading.Thread(target=generate, args=(cfg,)) for _ in range(2)]
     for t in threads:
         t.start()
@@ -281,7 +276,7 @@ def test_concurrent_generators_leave_complete_files(world, tmp_path):
 
 def test_pretrain_questions_ask_about_the_caption_scenes(tmp_path):
     pairs = {"num_pretrain": 60, "pretrain_max_shapes": 2, "pretrain_qtypes": ("position",)}
-    cfg = ShapesWorldConfig(root=str(tmp_path), **{**SMALL, **pairs})
+    cfg = ShapesWorldConfig(root=str(tmp_path), **{**WORLD, **pairs})
     records = json.loads((generate(cfg) / "llava_pretrain.json").read_text())
     captions = {r["image"]: r["conversations"][1]["value"] for r in records if r["qtype"] == "caption"}
     asked = [r for r in records if r["qtype"] == "position"]
@@ -298,7 +293,7 @@ def test_pretrain_questions_ask_about_the_caption_scenes(tmp_path):
 
 def test_pretrain_captions_can_name_the_half_of_a_single_object(tmp_path):
     root = generate(
-        ShapesWorldConfig(root=str(tmp_path), **{**SMALL, "num_pretrain": 30, "pretrain_caption_side": True})
+        ShapesWorldConfig(root=str(tmp_path), **{**WORLD, "num_pretrain": 30, "pretrain_caption_side": True})
     )
     halves = []  # pretrain scenes are not in refs/instances.json: find the object in the pixels
     for r in json.loads((root / "llava_pretrain.json").read_text()):
@@ -313,7 +308,7 @@ def test_pretrain_captions_can_name_the_half_of_a_single_object(tmp_path):
 
 
 def test_pretrain_pairs_can_be_described_from_either_object(tmp_path):
-    pairs = {**SMALL, "num_pretrain": 60, "pretrain_max_shapes": 2}
+    pairs = {**WORLD, "num_pretrain": 60, "pretrain_max_shapes": 2}
 
     def pretrain_captions(folder, **extra):
         cfg = ShapesWorldConfig(root=str(tmp_path / folder), **pairs, **extra)

@@ -57,7 +57,7 @@ def test_labels_cover_exactly_the_replies_and_their_end_token(tokenizer, kind):
         template = build_template(kind, tokenizer)
         end = tokenizer.eos_token
     proc = make_processor(tokenizer, template)
-    item = proc({"image": Image.new("RGB", (8, 8)), "conversations": CONV})
+    item = proc.encode({"image": Image.new("RGB", (8, 8)), "conversations": CONV})
     ids, labels = item["input_ids"], item["labels"]
     spans = labelled_spans(labels)
     assert len(spans) == 2, "one labelled span per assistant reply"
@@ -74,7 +74,7 @@ def test_labels_cover_exactly_the_replies_and_their_end_token(tokenizer, kind):
 def test_plain_template_targets_only_the_caption(tokenizer):
     proc = make_processor(tokenizer, build_template("plain", tokenizer))
     conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle"}]
-    item = proc({"image": Image.new("RGB", (8, 8)), "conversations": conv})
+    item = proc.encode({"image": Image.new("RGB", (8, 8)), "conversations": conv})
     ids, labels = item["input_ids"], item["labels"]
     ((a, b),) = labelled_spans(labels)
     assert tokenizer.decode(ids[a:b], skip_special_tokens=True).strip() == "a red circle"
@@ -87,8 +87,8 @@ def test_generation_prompt_matches_training_prefix(tokenizer):
     """The prompt at inference is token-for-token the prefix the model saw in training."""
     proc = make_processor(tokenizer, build_template("auto", tokenizer))
     sample = {"image": Image.new("RGB", (8, 8)), "conversations": CONV[:2]}
-    train = proc(sample)
-    gen = proc(sample, mode="generate")
+    train = proc.encode(sample)
+    gen = proc.encode_prompt(sample)
     n = len(gen["input_ids"])
     assert torch.equal(train["input_ids"][:n], gen["input_ids"])
     assert (train["labels"][:n] == IGNORE_INDEX).all() and train["labels"][n] != IGNORE_INDEX
@@ -98,26 +98,26 @@ def test_generation_prompt_matches_training_prefix(tokenizer):
 def test_truncation_never_cuts_the_image_span(tokenizer):
     template = build_template("auto", tokenizer)
     sample = {"image": Image.new("RGB", (8, 8)), "conversations": CONV}
-    full = make_processor(tokenizer, template)(sample)["input_ids"]
+    full = make_processor(tokenizer, template).encode(sample)["input_ids"]
     # room for the image span and part of the text: truncated, image span whole
-    cut = make_processor(tokenizer, template, max_length=len(full) - 3)(sample)
+    cut = make_processor(tokenizer, template, max_length=len(full) - 3).encode(sample)
     assert len(cut["input_ids"]) == len(full) - 3
     # the image span ends past max_length: the sample is dropped and counted, not cut
     proc = make_processor(tokenizer, template, max_length=4, num_image_tokens=6)
-    assert proc(sample) is None and proc.dropped["longer than max_length"] == 1
+    assert proc.encode(sample) is None and proc.dropped["longer than max_length"] == 1
 
 
 def test_collate_pads_right_for_training_and_left_for_generation(tokenizer):
     proc = make_processor(tokenizer, build_template("auto", tokenizer))
     short = {"image": Image.new("RGB", (8, 8)), "conversations": CONV[:2]}
-    items = [proc(short), proc({"image": Image.new("RGB", (8, 8)), "conversations": CONV})]
+    items = [proc.encode(short), proc.encode({"image": Image.new("RGB", (8, 8)), "conversations": CONV})]
     batch = proc.collate(items)
     n0 = len(items[0]["input_ids"])
     assert (batch["input_ids"][0, n0:] == tokenizer.pad_token_id).all()
     assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()
     assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (batch["input_ids"].shape[1] - n0)
     long = {**short, "conversations": CONV}
-    gen = proc.collate([proc(short, "generate"), proc(long, "generate")], "generate")
+    gen = proc.collate_prompts([proc.encode_prompt(short), proc.encode_prompt(long)])
     g0 = int(gen["attention_mask"][0].sum())
     assert gen["attention_mask"][0, -g0:].all() and not gen["attention_mask"][0, :-g0].any()
     assert batch["pixel_values"].shape == (2, 3, 8, 8)
@@ -138,8 +138,8 @@ def test_the_text_cache_returns_what_processing_returns_and_stays_within_its_siz
     monkeypatch.setattr(cached.template, "segments", lambda *a, **k: renders.append(1) or segments(*a, **k))
     for _ in range(3):  # three epochs
         for sample in samples:
-            for mode in ("train", "generate"):
-                want, got = plain(sample, mode), cached(sample, mode)
+            for mode in ("encode", "encode_prompt"):
+                want, got = getattr(plain, mode)(sample), getattr(cached, mode)(sample)
                 assert want.keys() == got.keys()
                 for key in ("input_ids", "labels", "pixel_values"):
                     if key in want:

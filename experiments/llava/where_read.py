@@ -63,7 +63,7 @@ def main(ckpt: str, root: str = "data/shapesworld/llava_shapes") -> None:
         }
 
     def item(conv: list[dict], image: Image.Image) -> dict:
-        return proc({"conversations": conv, "image": image}, "train")
+        return proc.encode({"conversations": conv, "image": image})
 
     encode, tf = model.encode_images, next(iter(proc.image_transforms.values()))
     blank = encode(tf(Image.new("RGB", (size, size), BACKGROUND))[None])[0]

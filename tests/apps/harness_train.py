@@ -14,12 +14,10 @@ from omegaconf import DictConfig
 
 from vlm.cli.common import CONFIG_DIR
 from vlm.core.optim import configure_optimizers
-from vlm.core.runtime.callbacks import instantiate_callbacks
-from vlm.core.runtime.config_io import print_config_tree, save_resolved_config
-from vlm.core.runtime.identity import run_identity
-from vlm.core.runtime.loggers import instantiate_loggers, log_resolved_config
-from vlm.core.runtime.task import task_wrapper
-from vlm.core.runtime.trainer import instantiate_trainer
+from vlm.runtime.config_io import print_config_tree, save_resolved_config
+from vlm.runtime.identity import run_identity
+from vlm.runtime.task import task_wrapper
+from vlm.runtime.trainer import make_trainer
 
 
 class Boring(BoringModel):
@@ -43,18 +41,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print_config_tree(cfg)
     save_resolved_config(cfg, cfg.paths.output_dir)
     L.seed_everything(cfg.seed)
-    identity = run_identity(cfg)
-    loggers = instantiate_loggers(cfg.logger, identity)
-    log_resolved_config(loggers, cfg)
-    callbacks = instantiate_callbacks(cfg.callbacks, have_logger=bool(loggers))
-    trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
+    trainer = make_trainer(cfg)
     model = Boring(hydra.utils.instantiate(cfg.optimizer), hydra.utils.instantiate(cfg.scheduler))
     trainer.fit(model)
     record = {
         "seed": cfg.seed,
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
-        "name": identity.name,
+        "name": run_identity(cfg).name,
     }
     Path(cfg.paths.output_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -79,11 +79,11 @@ def synthetic_batches(
     for i in range(batch_size):
         image = noise_image(rng)
         turns = long_conversation(processor, rng, text_len)
-        train.append(processor({"id": str(i), "image": image, "conversations": turns}))
-        prompts.append(processor({"id": str(i), "image": image, "conversations": turns[:2]}, mode="generate"))
+        train.append(processor.encode({"id": str(i), "image": image, "conversations": turns}))
+        prompts.append(processor.encode_prompt({"id": str(i), "image": image, "conversations": turns[:2]}))
     if any(item is None for item in train + prompts):
         raise ValueError(
             f"bench.text_len={text_len} leaves no answer token after the first question: "
             f"raise it ({dict(processor.dropped)})"
         )
-    return processor.collate(train), processor.collate(prompts, mode="generate")
+    return processor.collate(train), processor.collate_prompts(prompts)

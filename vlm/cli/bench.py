@@ -35,10 +35,10 @@ from vlm.bench.meter import GenerationMeter, StepMeter
 from vlm.bench.synthetic import corpus, synthetic_batches
 from vlm.cli.build import build_module, build_tokenizer
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
-from vlm.core.runtime.trainer import instantiate_trainer
 from vlm.core.schema import TrainConf
 from vlm.core.tokenizer import IGNORE_INDEX
 from vlm.core.zoo.registry import LLM_ENTRIES
+from vlm.runtime.trainer import make_trainer
 
 GIB = 2**30
 
@@ -86,9 +86,9 @@ def bench_tokenizer(cfg: DictConfig):
     return tokenizer
 
 
-def make_trainer(cfg: DictConfig, callbacks: list[L.Callback], output_dir: str) -> L.Trainer:
-    """The configured trainer (precision, accumulation, strategy as in training) with the loop
-    length set by the bench, and no validation, checkpointing or logging inside it."""
+def bench_trainer(cfg: DictConfig, callbacks: list[L.Callback], output_dir: str) -> L.Trainer:
+    """The configured trainer (precision, accumulation, strategy, frozen dtype as in training)
+    with the loop length set by the bench, and no validation, checkpointing or logging inside it."""
     loop = dict(
         max_steps=cfg.bench.warmup + cfg.bench.steps,
         max_epochs=1,
@@ -104,7 +104,7 @@ def make_trainer(cfg: DictConfig, callbacks: list[L.Callback], output_dir: str) 
         enable_model_summary=False,  # the module prints its own parameter table
         default_root_dir=output_dir,
     )  # fmt: skip
-    return instantiate_trainer(OmegaConf.merge(cfg.trainer, loop), callbacks)
+    return make_trainer(cfg, callbacks, overrides=loop, harness=False)
 
 
 def bench(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def bench(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         tokenizer.eos_token_id,
         b.cache_implementation,
     )
-    trainer = make_trainer(cfg, [steps, generation], output_dir)
+    trainer = bench_trainer(cfg, [steps, generation], output_dir)
     n_batches = (b.warmup + b.steps) * trainer.accumulate_grad_batches
     trainer.fit(module, train_dataloaders=DataLoader([batch] * n_batches, batch_size=None))
     if len(steps.step_times) != b.steps:

@@ -13,7 +13,8 @@ import hydra
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from vlm.core.lit_module import VLMLitModule, checkpoint_tokenizer
+from vlm.core.checkpoint import checkpoint_tokenizer
+from vlm.core.lit_module import VLMLitModule
 
 
 def build_tokenizer(

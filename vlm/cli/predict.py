@@ -1,6 +1,6 @@
 """``vlm-predict ckpt=<path> image=<png> question="..."``: answer questions about an image
-from a checkpoint alone (the tokenizer and model config travel inside it). A captioner's
-checkpoint (``plain`` template: image, then text) needs no question and prints the caption."""
+from a checkpoint alone (the tokenizer and model config travel inside it). A checkpoint whose
+prompt reads no question (a captioner, a stage-1 ``plain`` one) needs none and prints the caption."""
 
 from __future__ import annotations
 
@@ -17,18 +17,17 @@ def answer(module: VLMLitModule, image: Image.Image, questions: list[str], **gen
     """Batched generation: one prompt per question, all about ``image``."""
     proc = module.processor
     items = [
-        proc(
+        proc.encode_prompt(
             {
                 "image": image,
                 "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": ""}],
-            },
-            mode="generate",
+            }
         )
         for q in questions
     ]
     if any(it is None for it in items):
         raise ValueError(f"a question does not fit max_length={proc.max_length} with the image tokens")
-    batch = proc.collate(items, mode="generate")
+    batch = proc.collate_prompts(items)
     return module.generate(batch, **generation)
 
 
@@ -38,7 +37,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit("usage: vlm-predict ckpt=<path.ckpt> image=<image file> question='...'")
     torch.set_grad_enabled(False)
     module = VLMLitModule.from_checkpoint(cfg.ckpt)
-    captioner = module.hparams.template == "plain"
+    captioner = not module.reads_question
     if not cfg.question and not captioner:
         raise SystemExit("usage: vlm-predict ckpt=<path.ckpt> image=<image file> question='...'")
     try:
@@ -46,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     except OSError as err:
         raise SystemExit(f"cannot read image '{cfg.image}': {err}") from err
     generation = {k: v for k, v in cfg.generation.items() if v is not None}
-    if captioner:  # the plain template reads no question
+    if captioner:
         print(f"caption: {answer(module, image, [''], **generation)[0]}")
         return
     questions = list(cfg.question) if isinstance(cfg.question, ListConfig) else [str(cfg.question)]

@@ -14,12 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.cli.build import build_module, build_tokenizer
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
-from vlm.core.runtime.callbacks import instantiate_callbacks
-from vlm.core.runtime.config_io import print_config_tree, save_resolved_config
-from vlm.core.runtime.identity import run_identity
-from vlm.core.runtime.loggers import instantiate_loggers, log_resolved_config
-from vlm.core.runtime.task import task_wrapper
-from vlm.core.runtime.trainer import instantiate_trainer
+from vlm.runtime.config_io import print_config_tree, save_resolved_config
+from vlm.runtime.task import task_wrapper
+from vlm.runtime.trainer import make_trainer
 
 
 def build(cfg: DictConfig, output_dir: str | None = None):
@@ -40,10 +37,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print_config_tree(cfg)
     save_resolved_config(cfg, output_dir)
     datamodule, _, module = build(cfg, output_dir)
-    loggers = instantiate_loggers(cfg.get("logger"), run_identity(cfg))
-    log_resolved_config(loggers, cfg)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), have_logger=bool(loggers))
-    trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
+    trainer = make_trainer(cfg)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

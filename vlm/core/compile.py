@@ -12,7 +12,6 @@ caches guard on each layer's state, which would recompile every decoder layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from torch import nn
@@ -52,11 +51,10 @@ def regions(part: nn.Module, blocks: nn.ModuleList | None) -> list[nn.Module]:
     return [part]
 
 
-def compile_parts(
-    parts: dict[str, nn.Module], blocks_of: Callable[[str], nn.ModuleList | None], cfg: CompileConf
-) -> None:
-    """Compile the named parts in place."""
+def compile_parts(model: nn.Module, cfg: CompileConf) -> None:
+    """Compile the named parts of ``model`` (its ``parts()`` and their ``blocks``) in place."""
     options = {"backend": cfg.backend, "mode": cfg.mode, "dynamic": cfg.dynamic, "fullgraph": cfg.fullgraph}
+    parts = model.parts()
     for name in cfg.parts:
-        for module in regions(parts[name], blocks_of(name)):
+        for module in regions(parts[name], model.blocks(name)):
             module.compile(**options)

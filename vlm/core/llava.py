@@ -1,25 +1,33 @@
-"""The LLaVA-style core shared by ``llava``, ``calm``, ``layer_fusion`` and ``dense_connector``:
-vision tower -> connector -> LLM, with image features scattered into ``<image>`` positions.
+"""The LLaVA-style core: vision tower -> connector -> LLM, with image features scattered into
+``<image>`` positions. ``family=llava`` is this model as it is; ``calm``, ``layer_fusion`` and
+the Q-Former captioner subclass it to swap or add a part.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlm.core.builder import build_parts, select_index
+from vlm.core.model import VLMModel
+from vlm.core.processor import image_transform
+from vlm.core.recipes import is_frozen
 from vlm.core.tokenizer import IGNORE_INDEX
+from vlm.core.zoo.llms import decoder_layers
 
 
-class LlavaModel(nn.Module):
+class LlavaModel(VLMModel):
     """LLaVA-1.5 (Liu et al. 2023, Sec. 3): features of ``select_layer`` of the vision tower
     (``-2``: the penultimate block, as in LLaVA) pass the connector and replace the image
     tokens' embeddings.
 
     A family changes one part by passing another tower (CALM's composite) or overriding
-    :meth:`encode_images` (multi-layer fusion); nothing else needs to know.
+    :meth:`encode_images` (multi-layer fusion); nothing else needs to know. ``select_layer``
+    counts blocks 1..N, or -1..-N from the end.
     """
 
     def __init__(
@@ -34,19 +42,57 @@ class LlavaModel(nn.Module):
         super().__init__()
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got '{select_feature}'")
-        depth = vision_tower.depth
-        index = select_layer if select_layer >= 0 else depth + 1 + select_layer
-        if not 0 < index <= depth:
-            raise ValueError(
-                f"select_layer={select_layer} is outside the {depth}-block encoder "
-                f"'{vision_tower.name}' (valid: 1..{depth} or -1..-{depth})"
-            )
         self.vision_tower = vision_tower
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
-        self.select_index = index  # hidden_states index: 0 = embeddings, i = after block i
+        self.select_index = select_index(select_layer, vision_tower)  # 0 = embeddings, i = after block i
         self.select_feature = select_feature
+
+    @classmethod
+    def from_config(
+        cls,
+        tokenizer: Any,
+        vision_tower: dict,
+        llm: dict,
+        connector: dict,
+        select_layer: int = -2,
+        select_feature: str = "patch",
+    ) -> LlavaModel:
+        """Tower and LLM from the zoo; the connector completed with their widths."""
+        p = build_parts(tokenizer, vision_tower, llm, connector, select_layer, select_feature)
+        return cls(p.tower, p.connector(), p.llm, p.image_token_id, p.select_index, p.select_feature)
+
+    # -- the contract -----------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vision_tower": self.vision_tower, "connector": self.connector, "llm": self.llm}
+
+    def blocks(self, part: str) -> nn.ModuleList | None:
+        if part == "vision_tower":
+            return self.vision_tower.blocks
+        if part == "llm":
+            return decoder_layers(self.llm)
+        return None
+
+    def unused(self) -> list[nn.Module]:
+        """Tower blocks past the one read: :meth:`tower_states` never runs them."""
+        return list(self.vision_tower.blocks[self.deepest_state :])
+
+    @property
+    def deepest_state(self) -> int:
+        """The deepest tower hidden state the model reads."""
+        return self.select_index
+
+    def image_transforms(self) -> dict:
+        return {"vision": image_transform(self.vision_tower.image_spec)}
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Non-reentrant, so frozen inputs still pass gradients on; a composite tower that runs
+        trained modules inside (CALM) checkpoints those too."""
+        self.llm.activation_checkpointing_enable({"use_reentrant": False})
+        tower_checkpointing = getattr(self.vision_tower, "gradient_checkpointing_enable", None)
+        if tower_checkpointing:
+            tower_checkpointing()
 
     @property
     def num_image_tokens(self) -> int:
@@ -54,20 +100,11 @@ class LlavaModel(nn.Module):
         n = tower.num_patches + (tower.num_prefix_tokens if self.select_feature == "cls_patch" else 0)
         return self.connector.num_tokens(n)
 
-    def train(self, mode: bool = True):
-        """Frozen parts stay in eval mode (no dropout, fixed norms) whatever Lightning asks."""
-        super().train(mode)
-        for part in (self.vision_tower, self.connector, self.llm):
-            if not any(p.requires_grad for p in part.parameters()):
-                part.eval()
-        return self
-
     def tower_states(self, pixel_values: Tensor | dict[str, Tensor], upto: int) -> list[Tensor]:
         """Hidden states 0..``upto`` of the tower via its explicit block loop: blocks past
         ``upto`` are never run, and a frozen tower runs without autograd."""
         tower = self.vision_tower
-        trainable = any(p.requires_grad for p in tower.parameters())
-        with contextlib.nullcontext() if trainable else torch.no_grad():
+        with torch.no_grad() if is_frozen(tower) else contextlib.nullcontext():
             return tower.states(pixel_values, upto)
 
     def select(self, h: Tensor) -> Tensor:
@@ -80,8 +117,9 @@ class LlavaModel(nn.Module):
         h = self.tower_states(pixel_values, self.select_index)[-1]  # (B, T, D_v)
         return self.connector(self.select(h))
 
-    def embed(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-        """Token embeddings with image features written into the ``<image>`` positions."""
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """The LLM's ``inputs_embeds``: token embeddings with image features written into the
+        ``<image>`` positions. (A tower's ``embed`` is its patch embedding: pixels -> h0.)"""
         is_image = input_ids == self.image_token_id
         embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         n_slots = int(is_image.sum())
@@ -108,7 +146,7 @@ class LlavaModel(nn.Module):
         """With ``labels``, the LM head runs only on the positions that predict a target token:
         on VQA that is a few tokens per sample instead of the full (B, T, vocab) logits.
         ``loss_weights`` (B, T), aligned with ``labels``: a weighted mean over the targets."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values)
         hidden = self.llm.base_model(
             inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (B, T, D)
@@ -138,7 +176,7 @@ class LlavaModel(nn.Module):
         sampling (``do_sample``, ``temperature``, ``top_p``) and beam search (``num_beams``)
         are transformers' own ``generate``. Decoding runs eager even where ``family.compile``
         compiled the decoder layers: the KV cache's per-layer state would recompile every layer."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values)
         with torch.compiler.set_stance("force_eager"):
             return self.llm.generate(
                 inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, **generate_kwargs

@@ -30,6 +30,16 @@ def _flat_params(params: list) -> list[torch.Tensor]:
     return flat
 
 
+def decay_groups(params: Iterable[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """AdamW-style groups: no weight decay on biases and norms (1-D tensors); empty groups left out."""
+    params = list(params)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(optimizer: Callable[..., Optimizer], params: ParamsT) -> Optimizer:
     """Call the optimizer partial on ``params`` (tensors or param groups).
 

@@ -107,21 +107,31 @@ class VLMProcessor:
         out = {name: tf(image) for name, tf in self.image_transforms.items()}
         return next(iter(out.values())) if len(out) == 1 else out
 
-    def __call__(self, sample: dict, mode: str = "train") -> dict | None:
+    def encode(self, sample: dict) -> dict | None:
+        """A training sample: ``input_ids``, ``labels`` (the replies only), ``pixel_values``
+        and, with question-type weights, ``loss_weights``; None when it cannot be used."""
+        return self._encode(sample, prompt=False)
+
+    def encode_prompt(self, sample: dict) -> dict | None:
+        """A prompt for generation: the conversation up to its last reply, which becomes the
+        ``answer`` to score against (with ``meta`` and ``id``)."""
+        return self._encode(sample, prompt=True)
+
+    def _encode(self, sample: dict, prompt: bool) -> dict | None:
         turns = sample["conversations"]
-        weights = None if mode == "generate" else self.reply_weights(sample, len(turns) // 2)
-        ids, labels, token_weights = self.encode_text(turns, mode, weights)
+        weights = None if prompt else self.reply_weights(sample, len(turns) // 2)
+        ids, labels, token_weights = self.encode_text(turns, prompt, weights)
         if len(ids) > self.max_length:
-            if mode == "generate" or self._image_end(ids) > self.max_length:
+            if prompt or self._image_end(ids) > self.max_length:
                 self.dropped["longer than max_length"] += 1
                 return None
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             token_weights = token_weights[: self.max_length]
-        if mode != "generate" and all(x == IGNORE_INDEX for x in labels):
+        if not prompt and all(x == IGNORE_INDEX for x in labels):
             self.dropped["no target tokens left"] += 1
             return None
         item = {"input_ids": torch.tensor(ids), "pixel_values": self.pixels(sample.get("image"))}
-        if mode == "generate":
+        if prompt:
             item.update(answer=turns[-1]["value"], meta=sample.get("meta", {}), id=sample.get("id"))
         else:
             item["labels"] = torch.tensor(labels)
@@ -129,13 +139,13 @@ class VLMProcessor:
                 item["loss_weights"] = torch.tensor(token_weights)
         return item
 
-    def encode_text(self, turns: list[dict], mode: str, weights: list[float] | None):
+    def encode_text(self, turns: list[dict], prompt: bool, weights: list[float] | None):
         """``encode_segments`` of the conversation's template segments, through the cache."""
-        key = (mode, tuple((t["from"], t["value"]) for t in turns), tuple(weights or ()))
+        key = (prompt, tuple((t["from"], t["value"]) for t in turns), tuple(weights or ()))
         hit = self._text_cache.get(key)
         if hit is not None:
             return hit
-        if mode == "generate":
+        if prompt:
             segments = self.template.segments(turns[:-1], add_generation_prompt=True)
         else:
             segments = self.template.segments(turns)
@@ -148,14 +158,19 @@ class VLMProcessor:
         pos = [i for i, t in enumerate(ids) if t == self.image_token_id]
         return pos[-1] + 1 if pos else 0
 
-    def collate(self, items: list[dict | None], mode: str = "train") -> dict:
-        """Right padding for training, left padding for generation (so every prompt ends where
-        decoding starts). Items that were dropped (``None``) are left out."""
+    def collate(self, items: list[dict | None]) -> dict:
+        """Training items, right-padded; dropped items (``None``) are left out."""
+        return self._collate(items, left=False)
+
+    def collate_prompts(self, items: list[dict | None]) -> dict:
+        """Prompts, left-padded, so every prompt ends where decoding starts."""
+        return self._collate(items, left=True)
+
+    def _collate(self, items: list[dict | None], left: bool) -> dict:
         items = [it for it in items if it is not None]
         if not items:
             return {}
         width = max(len(it["input_ids"]) for it in items)
-        left = mode == "generate"
         batch: dict = {
             "input_ids": _pad([it["input_ids"] for it in items], width, self.pad_token_id, left),
         }

@@ -7,7 +7,8 @@ Tune types (TinyLLaVA Factory's recipe names, honoured by every part here):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
@@ -26,14 +27,35 @@ class PartTune:
     lora_targets: list[str] | None = None  # None: every nn.Linear of the part's blocks
 
 
-@dataclass
-class Recipe:
-    """Per-part tune types; extra parts (CALM modules, fusion modules) go in ``extra``."""
+def is_frozen(module: nn.Module) -> bool:
+    """No parameter of ``module`` trains (a module without parameters counts as frozen)."""
+    return not any(p.requires_grad for p in module.parameters())
 
-    vision_tower: PartTune = field(default_factory=lambda: PartTune("frozen"))
-    connector: PartTune = field(default_factory=lambda: PartTune("full"))
-    llm: PartTune = field(default_factory=lambda: PartTune("frozen"))
-    extra: dict[str, PartTune] = field(default_factory=dict)
+
+def keep_frozen_in_eval(parts: Iterable[nn.Module]) -> None:
+    """After ``train()``: frozen parts go back to eval mode (no dropout, fixed norms, DINOv2's
+    layer scale as trained), whatever mode Lightning asked the whole model for."""
+    for part in parts:
+        if is_frozen(part):
+            part.eval()
+
+
+def apply_recipe(model: nn.Module, tune: dict) -> None:
+    """``tune``: part name -> ``PartTune`` fields; parts left out are frozen. The model first
+    expands its shorthands (``resolve_tune``); modules no output depends on (``unused``) stay
+    frozen whatever the recipe says, so DDP never waits for a gradient that cannot come."""
+    tune = model.resolve_tune(dict(tune))
+    parts = model.parts()
+    unknown = set(tune) - set(parts)
+    if unknown:
+        raise ValueError(f"tune has unknown parts {sorted(unknown)}: known {sorted(parts)}")
+    for name, part in parts.items():
+        apply_tune(part, PartTune(**(tune.get(name) or {"type": "frozen"})), model.blocks(name), name)
+    for module in model.unused():
+        module.requires_grad_(False)
+    if is_frozen(model):
+        raise ValueError("the recipe trains nothing: every part is frozen")
+    model.train(model.training)  # frozen parts to eval now: Lightning keeps the modes it finds
 
 
 def apply_tune(part: nn.Module, tune: PartTune, blocks: nn.ModuleList | None, name: str) -> None:

@@ -66,41 +66,40 @@ def _schedule(
     return factor
 
 
-def _check_min_ratio(min_lr_ratio: float) -> None:
-    if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+def _decaying(name: str, decay: Callable[[float], float], doc: str) -> Callable[..., LambdaLR]:
+    """A schedule that warms up, then follows ``min_lr_ratio + (1 - min_lr_ratio) * decay(progress)``,
+    ``decay`` going from 1 at progress 0 to 0 at progress 1."""
+
+    def schedule(
+        optimizer: Optimizer,
+        total_steps: int,
+        warmup_ratio: float = 0.0,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+    ) -> LambdaLR:
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+
+        def factor(progress: float) -> float:
+            return min_lr_ratio + (1.0 - min_lr_ratio) * decay(progress)
+
+        return StepSchedule(optimizer, _schedule(factor, total_steps, warmup_ratio, warmup_steps))
+
+    schedule.__name__ = schedule.__qualname__ = name
+    schedule.__doc__ = doc
+    return schedule
 
 
-def cosine_warmup(
-    optimizer: Optimizer,
-    total_steps: int,
-    warmup_ratio: float = 0.0,
-    warmup_steps: int | None = None,
-    min_lr_ratio: float = 0.0,
-) -> LambdaLR:
-    """Linear warmup, then half a cosine from 1 down to ``min_lr_ratio`` (LLaVA's schedule)."""
-    _check_min_ratio(min_lr_ratio)
-
-    def decay(progress: float) -> float:
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return StepSchedule(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
-
-
-def linear_warmup(
-    optimizer: Optimizer,
-    total_steps: int,
-    warmup_ratio: float = 0.0,
-    warmup_steps: int | None = None,
-    min_lr_ratio: float = 0.0,
-) -> LambdaLR:
-    """Linear warmup, then a straight line from 1 down to ``min_lr_ratio``."""
-    _check_min_ratio(min_lr_ratio)
-
-    def decay(progress: float) -> float:
-        return 1.0 - (1.0 - min_lr_ratio) * progress
-
-    return StepSchedule(optimizer, _schedule(decay, total_steps, warmup_ratio, warmup_steps))
+cosine_warmup = _decaying(
+    "cosine_warmup",
+    lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "Linear warmup, then half a cosine from 1 down to ``min_lr_ratio`` (LLaVA's schedule).",
+)
+linear_warmup = _decaying(
+    "linear_warmup",
+    lambda progress: 1.0 - progress,
+    "Linear warmup, then a straight line from 1 down to ``min_lr_ratio``.",
+)
 
 
 def constant(

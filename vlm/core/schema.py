@@ -175,7 +175,7 @@ class TensorBoardLoggerConf:
 
 @dataclass
 class WandbLoggerConf:
-    """``WandbLogger`` arguments. ``null`` fields are filled at run time (``vlm.core.runtime.loggers``):
+    """``WandbLogger`` arguments. ``null`` fields are filled at run time (``vlm.runtime.loggers``):
 
     ``mode``: ``WANDB_MODE`` if set, else online with credentials and offline without;
     ``name``/``group``: from the composed choices and the sweep; ``tags`` gain the choices.
@@ -230,9 +230,9 @@ class TrainConf:
     logger: Any = None
     callbacks: Any = None
     paths: Any = None
-    # Model and data groups (DESIGN.md); each may add its own schema.
+    # Model, objective and data groups; each may add its own schema.
     family: Any = None
-    model: Any = None
+    objective: Any = None
     encoder: Any = None
     augmenting: Any = None
     llm: Any = None

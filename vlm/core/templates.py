@@ -25,6 +25,7 @@ class Segment:
 
 class Template(Protocol):
     name: str
+    reads_question: bool  # whether the human turn's text reaches the model (plain: image only)
 
     def segments(self, turns: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
         """``turns``: LLaVA ``conversations`` ({"from", "value"}); with ``add_generation_prompt``
@@ -42,6 +43,7 @@ class PlainTemplate:
     """
 
     name = "plain"
+    reads_question = False
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.bos = tokenizer.bos_token or ""
@@ -65,6 +67,7 @@ class ChatTemplate:
     """
 
     name = "chat"
+    reads_question = True
 
     def __init__(
         self,

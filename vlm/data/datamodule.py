@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,9 @@ class VLMDataModule(L.LightningDataModule):
     ``shapesworld``: ``ShapesWorldConfig`` fields. ``max_val_samples``: a seeded random
     subset of val, for fast evaluation during training (test is never capped).
     ``text_cache``: conversations whose token ids the processor keeps after their first use
-    (0: none); each loader worker keeps its own.
+    (0: none); each loader worker keeps its own. ``qtypes``: the question types the records
+    carry (``meta.qtype``), which the VQA objective scores one by one (``objective.qtypes``
+    reads them from here); an evaluated split with other types says so once.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class VLMDataModule(L.LightningDataModule):
         max_val_samples: int | None = None,
         corpus_json: Sequence[str] | None = None,
         text_cache: int = 0,
+        qtypes: Sequence[str] = (),
         seed: int = 0,
     ):
         super().__init__()
@@ -137,11 +139,22 @@ class VLMDataModule(L.LightningDataModule):
         ds = ConversationDataset(
             records, images, hp.on_bad_sample, require_image=hp.require_image, source=source
         )
+        if split != "train":
+            self._check_qtypes(records, source)
         if split == "val" and hp.max_val_samples and len(ds) > hp.max_val_samples:
             g = torch.Generator().manual_seed(hp.seed)
             ds = ds.subset(sorted(torch.randperm(len(ds), generator=g)[: hp.max_val_samples].tolist()))
         self.datasets[split] = ds
         return ds
+
+    def _check_qtypes(self, records: Sequence[Any], source: str) -> None:
+        found = Counter(r.get("qtype") for r in records if isinstance(r, dict) and r.get("qtype"))
+        other = {q: n for q, n in found.items() if q not in self.hparams.qtypes}
+        if other:
+            log.warning(
+                f"{source}: question types {other} are not in data.qtypes {list(self.hparams.qtypes)}: "
+                "they count in the overall accuracy only"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         for split in STAGE_SPLITS.get(stage, ()):
@@ -166,8 +179,9 @@ class VLMDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------
     def attach(self, processor: Any) -> None:
-        """``processor(sample, mode) -> item | None`` and ``processor.collate(items, mode)``;
-        with ``text_cache`` > 0 its ``cache_text(n)`` keeps the text of n conversations."""
+        """``processor.encode(sample)`` / ``encode_prompt(sample)`` -> item | None, and
+        ``collate(items)`` / ``collate_prompts(items)``; with ``text_cache`` > 0 its
+        ``cache_text(n)`` keeps the text of n conversations."""
         self.processor = processor
         if self.hparams.text_cache:
             processor.cache_text(self.hparams.text_cache)
@@ -175,19 +189,21 @@ class VLMDataModule(L.LightningDataModule):
     def _loader(
         self,
         ds: ConversationDataset,
-        mode: str,
+        prompts: bool,
         batch_size: int,
         cls: type[DataLoader] = DataLoader,
         **kw: Any,
     ) -> DataLoader:
-        if self.processor is None:
+        """Training items (``prompts=False``: ids, labels) or prompts to generate from."""
+        proc = self.processor
+        if proc is None:
             raise RuntimeError("VLMDataModule.attach(processor) must come before asking for loaders")
         return cls(
-            ds.with_transform(partial(self.processor, mode=mode)),
+            ds.with_transform(proc.encode_prompt if prompts else proc.encode),
             batch_size=batch_size,
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory,
-            collate_fn=partial(self.processor.collate, mode=mode),
+            collate_fn=proc.collate_prompts if prompts else proc.collate,
             **kw,
         )
 
@@ -204,7 +220,7 @@ class VLMDataModule(L.LightningDataModule):
             self._apply(resume, sampler)
         self._train_loader = self._loader(
             ds,
-            "train",
+            False,
             self.hparams.batch_size,
             cls=CountingLoader,
             sampler=sampler,
@@ -214,7 +230,7 @@ class VLMDataModule(L.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         ds, bs = self._dataset(split), self.hparams.eval_batch_size or self.hparams.batch_size
-        return [self._loader(ds, "train", bs), self._loader(ds, "generate", bs)]
+        return [self._loader(ds, False, bs), self._loader(ds, True, bs)]
 
     def val_dataloader(self) -> list[DataLoader]:
         """[LOSS, GENERATE] loaders over val (capped by ``max_val_samples``)."""
@@ -263,10 +279,6 @@ class VLMDataModule(L.LightningDataModule):
             )
 
     # -- bad samples -------------------------------------------------------------------------
-    def bad_samples(self) -> dict[str, Counter[str]]:
-        """Skipped samples per split and reason (this rank), e.g. for logging as metrics."""
-        return {split: ds.bad_samples for split, ds in self.datasets.items()}
-
     def teardown(self, stage: str | None = None) -> None:
         """Log each split's skip summary once more if image failures changed it."""
         for split, ds in self.datasets.items():

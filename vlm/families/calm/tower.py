@@ -19,12 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm.core.recipes import is_frozen
 from vlm.families.calm.composition import CompositionModule
 from vlm.families.calm.layers import augmenting_layer, composition_layers
-
-
-def _frozen(module: nn.Module) -> bool:
-    return not any(p.requires_grad for p in module.parameters())
 
 
 class CalmTower(nn.Module):
@@ -82,23 +79,20 @@ class CalmTower(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.gradient_checkpointing = True
 
-    def train(self, mode: bool = True):
-        """Frozen towers stay in eval mode (no dropout, DINOv2's layer scale as trained)."""
-        super().train(mode)
-        for tower in (self.anchor, self.augmenting):
-            if _frozen(tower):
-                tower.eval()
-        return self
+    @property
+    def augmenting_depth_read(self) -> int:
+        """The deepest augmenting block a module reads: later ones never run."""
+        return max(self.pairs.values(), default=0)
 
     def augmenting_states(self, pixel_values: Tensor) -> dict[int, Tensor]:
         """The augmenting states the modules read, running only the blocks they need."""
         tower = self.augmenting
         needed = set(self.pairs.values())
-        ctx = torch.no_grad() if _frozen(tower) else contextlib.nullcontext()
+        ctx = torch.no_grad() if is_frozen(tower) else contextlib.nullcontext()
         with ctx:
             h = tower.embed(pixel_values.to(next(tower.parameters()).dtype))
             out = {}
-            for i in range(max(needed, default=0)):
+            for i in range(self.augmenting_depth_read):
                 h = tower.run_block(i, h)
                 if i + 1 in needed:
                     out[i + 1] = h
@@ -113,7 +107,7 @@ class CalmTower(nn.Module):
         anchor = self.anchor
         live = [layer for layer in self.layers if layer <= upto]
         first = live[0] if live else upto + 1
-        frozen = _frozen(anchor)
+        frozen = is_frozen(anchor)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             h = anchor.embed(pixel_values["anchor"].to(next(anchor.parameters()).dtype))
         states = [h]

@@ -1,9 +1,8 @@
 """Internal fusion (I_D, I_M): visual features of chosen encoder blocks enter chosen LLM layers.
 
 Each block of the layer set has its own projector to the LLM width and a target layer at the
-same relative depth (:func:`~vlm.families.layer_fusion.layers.llm_target`). The zoo's HF
-decoder layers are not replaced or forked: a forward pre-hook on each target layer changes
-the hidden states it receives, so checkpoints, LoRA and ``save_pretrained`` see the plain LLM.
+same relative depth (:func:`~vlm.families.layer_fusion.layers.llm_target`); the features enter
+through the core's :class:`~vlm.core.injection.DecoderInjection` (pre-hooks, no forked LLM).
 
 - ``I_D`` adds the projected features to the image-token span, at prefill only: decode steps
   carry no image tokens, so the KV cache already holds what the injection changed.
@@ -11,8 +10,8 @@ the hidden states it receives, so checkpoints, LoRA and ``save_pretrained`` see 
   projected features) before the layer. It runs at every decode step too, as it did on every
   token in training; skipping it there would decode with a different model than was trained.
 
-The visual context lives from one ``embed`` to the next, so a gradient-checkpointed layer that
-recomputes in the backward pass sees the same features it saw going forward.
+The visual context lives from one ``embed_inputs`` to the next, so a gradient-checkpointed layer
+that recomputes in the backward pass sees the same features it saw going forward.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.core.gated import GatedCrossAttention, check_heads
+from vlm.core.injection import DecoderInjection, per_beam
 from vlm.families.layer_fusion.layers import llm_target
 
 STRATEGIES = ("I_D", "I_M")
@@ -35,7 +35,7 @@ class _Context:
     is_image: Tensor | None = None  # (B, T) image-token positions of the prompt
 
 
-class InternalFusion(nn.Module):
+class InternalFusion(DecoderInjection):
     """Per-block projectors (``projectors[i]`` for ``blocks[i]``) and, for ``I_M``, one gated
     cross-attention block per target layer (``xattn["<layer>"]``)."""
 
@@ -62,62 +62,38 @@ class InternalFusion(nn.Module):
             check_heads(llm_width, num_heads, "fusion=I_M")
             for t in dict.fromkeys(self.targets):
                 self.xattn[str(t)] = GatedCrossAttention(llm_width, num_heads, ff_mult)
-        self._ctx: _Context | None = None
-        self._handles: list = []
-
-    def attach(self, layers: nn.ModuleList) -> None:
-        """Hook the target decoder layers (once; the hooks do nothing without a context)."""
-        for t in dict.fromkeys(self.targets):
-            hook = self._hook_for(t)
-            self._handles.append(layers[t].register_forward_pre_hook(hook, with_kwargs=True))
 
     # -- per forward ----------------------------------------------------------------------
     def set_streams(self, streams: list[Tensor]) -> None:
-        self._ctx = _Context(streams)
+        self.set_context(_Context(streams))
 
     def set_image_mask(self, is_image: Tensor) -> None:
-        if self._ctx is not None:
-            self._ctx.is_image = is_image
-
-    def clear(self) -> None:
-        self._ctx = None
+        if self.context is not None:
+            self.context.is_image = is_image
 
     def visual(self, target: int) -> Tensor:
         """Projected features of the blocks that target this layer: summed for I_D (one value
         per image token), concatenated along tokens for I_M (keys/values)."""
         feats = [
             p(s)
-            for p, s, t in zip(self.projectors, self._ctx.streams, self.targets, strict=True)
+            for p, s, t in zip(self.projectors, self.context.streams, self.targets, strict=True)
             if t == target
         ]
         return torch.stack(feats).sum(0) if self.strategy == "I_D" else torch.cat(feats, dim=1)
 
-    def _hook_for(self, target: int):
-        def hook(module, args, kwargs):
-            ctx = self._ctx
-            if ctx is None or ctx.is_image is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            new = self._inject(target, hidden, ctx.is_image)
-            if new is hidden:
-                return None
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
-
-        return hook
-
-    def _inject(self, target: int, hidden: Tensor, is_image: Tensor) -> Tensor:
-        beams = hidden.shape[0] // is_image.shape[0]  # generate() expands each prompt num_beams times
+    def inject(self, layer: int, hidden: Tensor) -> Tensor:
+        is_image = self.context.is_image
+        if is_image is None:  # features encoded, image positions not yet known
+            return hidden
         if self.strategy == "I_D":
             if hidden.shape[1] != is_image.shape[1]:  # a decode step: no image tokens in it
                 return hidden
-            add = self.visual(target).to(hidden.dtype).repeat_interleave(beams, 0)
-            mask = is_image.repeat_interleave(beams, 0)[..., None]
+            add = per_beam(self.visual(layer).to(hidden.dtype), hidden, len(is_image))
+            mask = per_beam(is_image, hidden, len(is_image))[..., None]
             return hidden + torch.zeros_like(hidden).masked_scatter(mask, add.reshape(-1, add.shape[-1]))
-        visual = self.visual(target).repeat_interleave(beams, 0)
-        rows = is_image.any(1).repeat_interleave(beams, 0)
-        block = self.xattn[str(target)]
+        visual = per_beam(self.visual(layer), hidden, len(is_image))
+        rows = per_beam(is_image.any(1), hidden, len(is_image))
+        block = self.xattn[str(layer)]
         if bool(rows.all()):
             return block(hidden, visual)
         index = rows.nonzero().squeeze(1)  # text-only samples in the batch keep their states

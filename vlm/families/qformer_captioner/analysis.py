@@ -46,7 +46,7 @@ def word_attention(module, batch: dict, new_ids: Tensor) -> list[Tensor]:
             model.record_attention(False)
         maps = torch.stack([m.last_attention for m in model.conditioning.xattn.values()]).mean(0)
     else:
-        embeds = model.embed(ids, batch["pixel_values"])
+        embeds = model.embed_inputs(ids, batch["pixel_values"])
         llm, impl = model.llm, model.llm.config._attn_implementation
         llm.set_attn_implementation("eager")  # only eager attention returns its weights
         try:

@@ -4,9 +4,8 @@
 k-th decoder block; every text position attends over the projected Q-Former tokens inside the
 LM, unlike a single attention layer after the LM's last state, which no LM layer ever sees.
 GPT-Neo has no cross-attention in transformers and GPT-2's is a different module per class,
-so one mechanism serves all: a forward pre-hook wraps each chosen block's input. No modeling
-file is forked and no block replaced, so the LM's state dict, ``save_pretrained`` and LoRA
-see the plain LM, and a gradient-checkpointed block recomputes through the hook.
+so one mechanism serves all: the core's :class:`~vlm.core.injection.DecoderInjection`, a
+forward pre-hook on each chosen block's input.
 
 ``prefix``: the tokens are projected to the LM width and take the ``<image>`` span in front
 of the caption (BLIP-2's LLM input); the LM itself is untouched.
@@ -17,11 +16,12 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vlm.core.gated import GatedCrossAttention, check_heads
+from vlm.core.injection import DecoderInjection, per_beam
 
 MODES = ("cross_attention", "prefix")
 
 
-class CrossAttentionConditioning(nn.Module):
+class CrossAttentionConditioning(DecoderInjection):
     """``proj``: Q-Former width -> LM width; ``xattn["<i>"]`` before decoder block i."""
 
     def __init__(
@@ -36,35 +36,19 @@ class CrossAttentionConditioning(nn.Module):
         self.xattn = nn.ModuleDict(
             {str(i): GatedCrossAttention(llm_width, num_heads, ff_mult) for i in self.layers}
         )
-        self._visual: Tensor | None = None
-        self._handles: list = []
-
-    def attach(self, blocks: nn.ModuleList) -> None:
-        for i in self.layers:
-            self._handles.append(blocks[i].register_forward_pre_hook(self._hook_for(i), with_kwargs=True))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Q-Former tokens (B, T, D_q) -> the keys/values every block reads (B, T, D_llm)."""
         return self.proj(tokens)
 
     def set_tokens(self, tokens: Tensor | None) -> None:
-        """The batch's Q-Former tokens (B, T, D_q); they stay until the next batch, so decode
-        steps and checkpoint recomputation see them too. ``None``: the plain LM."""
-        self._visual = None if tokens is None else self(tokens)
+        """The batch's Q-Former tokens (B, T, D_q), projected once as the context. ``None``:
+        the plain LM."""
+        self.set_context(None if tokens is None else self(tokens))
 
-    def _hook_for(self, i: int):
-        def hook(module, args, kwargs):
-            visual = self._visual
-            if visual is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            beams = hidden.shape[0] // visual.shape[0]  # generate() repeats each prompt per beam
-            new = self.xattn[str(i)](hidden, visual.repeat_interleave(beams, 0))
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
-
-        return hook
+    def inject(self, layer: int, hidden: Tensor) -> Tensor:
+        visual = self.context  # (B, T, D_llm), one image per caption
+        return self.xattn[str(layer)](hidden, per_beam(visual, hidden, len(visual)))
 
     def gates(self) -> dict[str, float]:
         """tanh of each gate, ``<block>_attn`` (and ``<block>_ff``)."""

@@ -13,19 +13,18 @@ never leaves a half-written model under that name.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 from transformers import AutoTokenizer
 
-from vlm.core.lit_module import _without_pretrained
+from vlm.core.builder import target_class
+from vlm.core.checkpoint import rebuild_hparams
+from vlm.core.lit_module import VLMLitModule
 
-FORMAT = "vlm-lab/qformer_captioner/1"
+FORMAT = "vlm-lab/qformer_captioner/2"  # 2: hyper-parameters of checkpoint format 2
 
 
 def save_pretrained(module, out_dir: str | Path) -> Path:
@@ -33,11 +32,11 @@ def save_pretrained(module, out_dir: str | Path) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    parts = module.parts()
+    parts = module.model.parts()
     for name, part in parts.items():
         save_model(part, str(tmp / f"{name}.safetensors"))  # shared (tied) tensors stored once
     module.tokenizer.save_pretrained(tmp / "tokenizer")
-    hp = _without_pretrained(_plain(dict(module.hparams)) | {"init_from": None})
+    hp = rebuild_hparams(module.hparams)
     config = {
         "format": FORMAT,
         "module": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -52,19 +51,6 @@ def save_pretrained(module, out_dir: str | Path) -> Path:
     return out
 
 
-def _plain(value):
-    """Config nodes and dataclasses (a stage's ``PartTune``) as JSON values."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def load_pretrained(path: str | Path, device: str = "cpu"):
     path = Path(path)
     config_file = path / "config.json"
@@ -74,8 +60,9 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
     if config.get("format") != FORMAT:
         raise ValueError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    module = hydra.utils.get_class(config["module"])(**config["hyper_parameters"], tokenizer=tokenizer)
-    parts = module.parts()
+    target = target_class(config["module"], VLMLitModule, f"{config_file}'s module")
+    module = target(**config["hyper_parameters"], tokenizer=tokenizer)
+    parts = module.model.parts()
     for name, file in config["parts"].items():
         load_model(parts[name], str(path / file), strict=True, device=device)
     module.data_config = config.get("data")

@@ -1,58 +1,19 @@
-"""The Q-Former captioner as a LightningModule.
-
-Recipe parts: ``vision_tower`` (CLIP, frozen), ``qformer``, ``conditioning`` (the decoder's
-gated cross-attention blocks, or the prefix projection) and ``decoder``, whose training is
-the ``unfreeze`` schedule's (:mod:`~vlm.families.qformer_captioner.unfreeze`) unless
-``unfreeze`` is null and ``tune.decoder`` says otherwise. Validation and test generate one
-caption per image and score it against every reference (BLEU-1..4, METEOR, ROUGE-L,
-CIDEr-D); the test end draws the analysis figures into ``<run>/analysis/``.
+"""The Q-Former captioner's training: the shared LightningModule plus the decoder's
+progressive unfreezing (:mod:`~vlm.families.qformer_captioner.unfreeze`), which decides what
+the decoder trains unless ``unfreeze`` is null and ``tune.decoder`` says otherwise, and the
+analysis figures the test end draws into ``<run>/analysis/``. What is scored (BLEU-1..4,
+METEOR, ROUGE-L, CIDEr-D of one caption per image against every reference) is the caption
+objective's.
 """
 
 from __future__ import annotations
 
-import hydra
 from torch import nn
 
-from vlm.core.caption_metrics import CaptionMetrics
-from vlm.core.lit_module import VLMLitModule
+from vlm.core.lit_module import PROMPTS, VLMLitModule
+from vlm.core.monitoring import log_now
 from vlm.core.params import parameter_rows
-from vlm.core.tokenizer import IMAGE_TOKEN
-from vlm.core.zoo.llms import decoder_layers
-from vlm.families.qformer_captioner.conditioning import (
-    MODES,
-    CrossAttentionConditioning,
-    PrefixConditioning,
-)
-from vlm.families.qformer_captioner.model import QFormerCaptioner
-from vlm.families.qformer_captioner.qformer import QFormer
 from vlm.families.qformer_captioner.unfreeze import ProgressiveUnfreezing
-
-
-def build_captioner(cfg: dict, tokenizer) -> QFormerCaptioner:
-    tower = hydra.utils.instantiate(cfg["vision_tower"])
-    llm = hydra.utils.instantiate(cfg["llm"], vocab_size=len(tokenizer))
-    qformer = QFormer(tower.hidden_size, **cfg["qformer"])
-    options = dict(cfg["conditioning"])
-    mode = options.pop("mode")
-    d_llm = llm.config.hidden_size
-    if mode == "cross_attention":
-        heads = options.pop("num_heads", None) or llm.config.num_attention_heads
-        conditioning = CrossAttentionConditioning(
-            qformer.width, d_llm, len(decoder_layers(llm)), num_heads=heads, **options
-        )
-    elif mode == "prefix":
-        conditioning = PrefixConditioning(qformer.width, d_llm, **options)
-    else:
-        raise ValueError(f"conditioning.mode={mode!r}: choose from {', '.join(MODES)}")
-    return QFormerCaptioner(
-        tower,
-        qformer,
-        conditioning,
-        llm,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        select_layer=cfg.get("select_layer", -1),
-        select_feature=cfg.get("select_feature", "cls_patch"),
-    )
 
 
 class CaptionerModule(VLMLitModule):
@@ -69,25 +30,8 @@ class CaptionerModule(VLMLitModule):
     ):
         self.unfreezing: ProgressiveUnfreezing | None = None
         super().__init__(*args, **kwargs)
-        self.val_acc = CaptionMetrics()
-        self.test_acc = CaptionMetrics()
         self.phase = 0
         self._analysis_batch: dict | None = None
-
-    def build_model(self, cfg: dict, tokenizer) -> nn.Module:
-        return build_captioner(cfg, tokenizer)
-
-    def parts(self) -> dict[str, nn.Module]:
-        m = self.model
-        return {
-            "vision_tower": m.vision_tower,
-            "qformer": m.connector,
-            "conditioning": m.conditioning,
-            "decoder": m.llm,
-        }
-
-    def blocks_of(self, name: str):
-        return super().blocks_of({"decoder": "llm"}.get(name, name))
 
     # -- what trains -----------------------------------------------------------------------
     def apply_recipe(self, tune: dict) -> None:
@@ -114,7 +58,7 @@ class CaptionerModule(VLMLitModule):
 
     def parameter_rows(self) -> list[dict]:
         dormant = {id(p) for p in self._dormant()}
-        return parameter_rows(self.parts(), lambda p: p.requires_grad and id(p) not in dormant)
+        return parameter_rows(self.model.parts(), lambda p: p.requires_grad and id(p) not in dormant)
 
     def on_train_epoch_start(self) -> None:
         """Enter the epoch's phase: its learning rate becomes every group's base rate."""
@@ -130,16 +74,15 @@ class CaptionerModule(VLMLitModule):
                 scheduler.base_lrs[k] = lr
                 group["lr"] = lr * scheduler.lr_lambdas[k](scheduler.last_epoch)
         trained = sum(p.numel() for p in self.unfreezing.trained(self.phase))
-        self.log_now({"unfreeze/phase": self.phase, "unfreeze/decoder_trainable": trained})
+        log_now(
+            self.trainer,
+            self.global_step,
+            {"unfreeze/phase": self.phase, "unfreeze/decoder_trainable": trained},
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for p in self._dormant():
             p.grad = None
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """``conditioning/gate_<block>_attn`` = tanh of each gate, every ``monitor_every`` steps."""
-        if self.monitoring_step():
-            self.log_now({f"conditioning/gate_{k}": v for k, v in self.model.conditioning.gates().items()})
 
     # -- text --------------------------------------------------------------------------------
     def max_length(self) -> int:
@@ -151,32 +94,17 @@ class CaptionerModule(VLMLitModule):
         return super().generate(batch, **({"max_new_tokens": self.hparams.caption_length} | overrides))
 
     # -- evaluation ----------------------------------------------------------------------------
-    def _eval_step(self, batch: dict, stage: str, metric: CaptionMetrics) -> None:
-        bs = batch["input_ids"].shape[0]
-        if "labels" in batch:
-            self.log(f"{stage}/loss", self(batch)["loss"], batch_size=bs, add_dataloader_idx=False)
+    def on_test_batch_end(self, outputs, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """The first test prompts are kept for the analysis figures."""
+        if dataloader_idx != PROMPTS or not batch or self._analysis_batch is not None:
             return
-        preds = self.generate(batch)
-        refs = [m.get("captions") or [a] for m, a in zip(batch["meta"], batch["answer"], strict=True)]
-        metric.update(preds, refs, batch["id"])
-        room = self.hparams.num_logged_predictions - len(self._samples)
-        for i in range(min(room, bs)):
-            self._samples.append({"id": batch["id"][i], "prediction": preds[i], "references": refs[i]})
-        if stage == "test" and self._analysis_batch is None:
-            n = self.hparams.num_analysis_images
-            self._analysis_batch = {
-                "input_ids": batch["input_ids"][:n],
-                "attention_mask": batch["attention_mask"][:n],
-                "pixel_values": batch["pixel_values"][:n],
-                "references": refs[:n],
-            }
-
-    def _eval_epoch_end(self, stage: str, metric: CaptionMetrics) -> None:
-        scores = metric.compute()
-        for key, value in scores.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key in ("bleu4", "cider"), add_dataloader_idx=False)
-        metric.reset()
-        self._write_samples(stage)
+        n = self.hparams.num_analysis_images
+        self._analysis_batch = {
+            "input_ids": batch["input_ids"][:n],
+            "attention_mask": batch["attention_mask"][:n],
+            "pixel_values": batch["pixel_values"][:n],
+            "references": self.objective.references(batch)[:n],
+        }
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

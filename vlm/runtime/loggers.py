@@ -16,7 +16,7 @@ import hydra
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.core.runtime.identity import RunIdentity
+from vlm.runtime.identity import RunIdentity
 
 _WANDB_TARGET = "lightning.pytorch.loggers.WandbLogger"
 _WANDB_MODES = ("online", "offline", "disabled", "shared")
@@ -69,6 +69,9 @@ def instantiate_loggers(logger_cfg: DictConfig | None, identity: RunIdentity | N
 
 def log_resolved_config(loggers: Iterable[Logger], cfg: DictConfig) -> None:
     """Record the whole resolved config as hyper-parameters: configs, never modules."""
+    loggers = list(loggers)
+    if not loggers:
+        return
     params: Any = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     for logger in loggers:
         logger.log_hyperparams(params)

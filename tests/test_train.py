@@ -1,87 +1,48 @@
-"""The real entry points on tiny budgets: ``train(cfg)`` in process (every experiment, learning,
-resume), ``vlm-train`` as a command (multirun, 2-rank CPU DDP, bad input), and ``vlm-predict`` /
-``vlm-eval`` on the checkpoints it wrote. One tiny ShapesWorld is generated once and shared.
+"""``train(cfg)`` and ``vlm-train`` on tiny budgets: every experiment runs (its ``fast_dev_run``
+metrics pinned to the stored reference), a short run learns and writes its outputs, a killed
+run resumes exactly, a multirun writes complete jobs, and bad input fails in one line.
 
 ``tests/apps/train_probes.py`` adds observers through ``+callbacks.<name>._target_``: the samples
 of every optimizer step and a hash of the final weights, per rank.
 """
 
-import importlib.util
 import json
 import re
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
-from numerics import REFERENCE
-from omegaconf import DictConfig, OmegaConf
+from numerics import REFERENCE, fast_dev_run_overrides
+from omegaconf import OmegaConf
 from runs import (
     PROBE,
     batches,
     cli,
+    cli_train_args,
     compose_run,
     data_overrides,
+    experiment_names,
     final_state,
     load_ckpt,
     metrics_rows,
-    one_thread,
+    offline_reason,
     per_step,
+    pretrained_hub_ids,
     run_train,
     shapesworld_root,
     steps,
 )
 from train_probes import Preempted, state_sha
 
-from vlm.cli.common import CONFIG_DIR
 from vlm.cli.train import train
-from vlm.core.zoo.errors import CheckpointMissingError, UnknownModelError
-from vlm.core.zoo.registry import llm_entry, vision_entry
+from vlm.core.zoo.errors import CheckpointMissingError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-# --- 1. every experiment -----------------------------------------------------------------------
-
-
-def experiment_names() -> list:
-    folder = Path(CONFIG_DIR) / "experiment"
-    names = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
-    return names or [pytest.param(None, marks=pytest.mark.skip(reason="conf/experiment/ has no files yet"))]
-
-
-def pretrained_hub_ids(cfg: DictConfig) -> set[str]:
-    """Hub ids of every zoo part (and hub tokenizer) the config loads with real weights."""
-    found: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            if node.get("pretrained") is True and isinstance(node.get("name"), str):
-                try:
-                    entry = vision_entry(node["name"])
-                except UnknownModelError:
-                    entry = llm_entry(node["name"])
-                found.add(entry.hub_id or node["name"])  # timm: its own hub id, named by the error
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.tokenizer.get("name") not in (None, "auto"):
-        found.add(cfg.tokenizer.name)
-    return found
-
-
-def cfg_value(cfg: DictConfig, key: str):
-    return OmegaConf.select(cfg, key, default=None)
+# --- every experiment ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("experiment", experiment_names())
@@ -90,16 +51,10 @@ def test_experiment_fast_dev_run(experiment, shapesworld, tmp_path):
     checkpoints cannot load them offline: they must compose and stop with the one-line
     ``CheckpointMissingError`` naming a checkpoint they use (shrinking them to ``size=tiny``
     would not test them: their layer indices and widths are the real models')."""
-    overrides = [f"experiment={experiment}", "++trainer.fast_dev_run=true", "logger=csv"]
     try:
-        as_written = compose_run(overrides, tmp_path)
-        source = cfg_value(as_written, "data.source")
-        if source != "shapesworld":
-            pytest.skip(f"reads {source} files, which a test machine does not have")
-        tiny = data_overrides(shapesworld)
-        if cfg_value(as_written, "data.shapesworld.num_pretrain"):
-            tiny.append("data.shapesworld.num_pretrain=16")  # stage-1 captions of their own scenes
-        cfg = compose_run([*overrides, *tiny], tmp_path)
+        cfg = compose_run(fast_dev_run_overrides(experiment, shapesworld), tmp_path)
+        if cfg.data.source != "shapesworld":
+            pytest.skip(offline_reason(cfg))
         hub_ids = pretrained_hub_ids(cfg)
         if not hub_ids:
             metrics = train(cfg)
@@ -118,15 +73,7 @@ def test_experiment_fast_dev_run(experiment, shapesworld, tmp_path):
     assert err.value.hub_id in hub_ids, (err.value.hub_id, hub_ids)
 
 
-# --- 2. a short run learns, and writes everything a run should ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained_run(shapesworld, tmp_path_factory) -> tuple[Path, dict[str, float]]:
-    """80 steps of the default config (csv + wandb loggers, offline) at a random-init learning rate."""
-    out = tmp_path_factory.mktemp("trained")
-    metrics = run_train([*data_overrides(shapesworld), *steps(80, 40), "optimizer.lr=1e-3"], out)
-    return out, metrics
+# --- a short run learns, and writes everything a run should ----------------------------------------
 
 
 def test_short_run_learns_and_writes_its_outputs(trained_run):
@@ -156,7 +103,7 @@ def test_short_run_learns_and_writes_its_outputs(trained_run):
     assert list(wandb_run.glob("*.wandb"))
 
 
-# --- 3. resume -----------------------------------------------------------------------------------
+# --- resume ----------------------------------------------------------------------------------------
 
 # Validation (and so last.ckpt) every 4 steps. The monitor never improves after the first
 # validation (val/loss falls, mode=max): last.ckpt must follow the run, not the best file.
@@ -237,11 +184,7 @@ def test_resume_with_more_steps_follows_the_longer_schedule(reference_run, shape
     assert_continues(reference_run, longer, from_step=8)
 
 
-# --- 4. multirun ---------------------------------------------------------------------------------
-
-
-def cli_train_args(data_dir: Path, log_dir: Path) -> list[str]:
-    return [*data_overrides(data_dir), f"paths.log_dir={log_dir}", "logger=csv", "test=false"]
+# --- multirun --------------------------------------------------------------------------------------
 
 
 def test_multirun_of_two_seeds_writes_two_complete_jobs(shapesworld, tmp_path):
@@ -258,88 +201,7 @@ def test_multirun_of_two_seeds_writes_two_complete_jobs(shapesworld, tmp_path):
         assert len(per_step(metrics_rows(job), "train/loss")) == 4
 
 
-# --- 5. DDP --------------------------------------------------------------------------------------
-
-
-def test_ddp_cpu_two_ranks_train_to_identical_weights(shapesworld, tmp_path):
-    args = [
-        "trainer=ddp_cpu",
-        *cli_train_args(shapesworld, tmp_path / "logs"),
-        *steps(6, 3),
-        PROBE,
-        "trainer.num_sanity_val_steps=0",
-    ]
-    proc = cli("vlm-train", args, tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()  # both ranks in one run dir
-    ranks = [final_state(run, r) for r in (0, 1)]
-    assert [(s["global_step"], s["world_size"]) for s in ranks] == [(6, 2), (6, 2)]
-    assert ranks[0]["sha"] == ranks[1]["sha"]
-    assert state_sha(load_ckpt(run / "checkpoints" / "last.ckpt")["state_dict"]) == ranks[0]["sha"]
-    shards = [batches(run, r) for r in (0, 1)]  # each rank its own half of every step's data
-    assert shards[0].keys() == shards[1].keys() == set(range(6))
-    assert all(not set(shards[0][s]) & set(shards[1][s]) for s in range(6))
-
-
-# --- 6. predict and eval from the trained checkpoint --------------------------------------------
-
-
-def test_predict_answers_a_question_from_the_checkpoint(trained_run, shapesworld, tmp_path):
-    out, _ = trained_run
-    image = shapesworld_root(shapesworld) / "images" / "test" / "test_000000.png"
-    args = [
-        f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
-        f"image={image}",
-        "question=What shape is the red object?",
-    ]
-    proc = cli("vlm-predict", args, tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Q: What shape is the red object?\nA: " in proc.stdout
-
-
-def test_predict_with_a_missing_image_fails_in_one_line(trained_run, tmp_path):
-    out, _ = trained_run
-    missing = tmp_path / "no_such.png"
-    args = [f"ckpt={out / 'checkpoints' / 'last.ckpt'}", f"image={missing}", "question=What shape?"]
-    proc = cli("vlm-predict", args, tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"cannot read image '{missing}': ")
-
-
-def test_where_read_diagnoses_the_trained_checkpoint(trained_run, shapesworld, capsys):
-    """experiments/llava/where_read.py runs on a real checkpoint and the data set's own files."""
-    spec = importlib.util.spec_from_file_location(
-        "where_read", Path(__file__).parents[1] / "experiments/llava/where_read.py"
-    )
-    where_read = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(where_read)
-    out, _ = trained_run
-    root = shapesworld_root(shapesworld)
-    where_read.main(str(out / "checkpoints" / "last.ckpt"), str(root))
-    lines = capsys.readouterr().out.strip().splitlines()
-    asked = Counter(r["qtype"] for r in json.loads((root / "llava_val.json").read_text()))
-    want = [f"{qt} (n={asked[qt]})" for qt in where_read.QTYPES if asked[qt]]
-    assert [line.split(":")[0] for line in lines[:-1]] == want
-    for line in lines[:-1]:
-        accs = re.fullmatch(r".*: all tokens (\S+), named only (\S+), all but named (\S+)", line).groups()
-        assert all(0.0 <= float(a) <= 1.0 for a in accs)
-    assert re.fullmatch(
-        r"x from the centre token \(\d+ held-out objects\): R² -?\d+\.\d\d, half \d\.\d\d", lines[-1]
-    )
-
-
-def test_eval_of_the_best_checkpoint_reproduces_the_training_test_accuracy(trained_run, tmp_path):
-    """``train`` tests the best checkpoint; ``vlm-eval`` on that file must print the same figure."""
-    out, metrics = trained_run
-    (best,) = (out / "checkpoints").glob("best-*.ckpt")
-    proc = cli("vlm-eval", [f"ckpt={best}"], tmp_path, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = dict(re.findall(r"^(test/[\w/]+): ([\d.]+)$", proc.stdout, flags=re.M))
-    assert float(printed["test/acc"]) == pytest.approx(metrics["test/acc"], abs=1e-4)
-
-
-# --- 7. bad input through the CLI ----------------------------------------------------------------
+# --- bad input through the CLI ---------------------------------------------------------------------
 
 
 def test_select_layer_past_the_encoder_depth_fails_with_the_reason(shapesworld, tmp_path):

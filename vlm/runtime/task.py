@@ -22,8 +22,8 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vlm.core.runtime.distributed import isolated_distributed_state
 from vlm.core.zoo.errors import CheckpointMissingError, UnknownModelError
+from vlm.runtime.distributed import isolated_distributed_state
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,0 +1,40 @@
+"""``vlm-predict`` and ``vlm-eval`` as a user runs them, on the checkpoints of the shared short
+trained run (``trained_run`` in conftest)."""
+
+import re
+
+import pytest
+from runs import cli, shapesworld_root
+
+
+def test_predict_answers_a_question_from_the_checkpoint(trained_run, shapesworld, tmp_path):
+    out, _ = trained_run
+    image = shapesworld_root(shapesworld) / "images" / "test" / "test_000000.png"
+    args = [
+        f"ckpt={out / 'checkpoints' / 'last.ckpt'}",
+        f"image={image}",
+        "question=What shape is the red object?",
+    ]
+    proc = cli("vlm-predict", args, tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Q: What shape is the red object?\nA: " in proc.stdout
+
+
+def test_predict_with_a_missing_image_fails_in_one_line(trained_run, tmp_path):
+    out, _ = trained_run
+    missing = tmp_path / "no_such.png"
+    args = [f"ckpt={out / 'checkpoints' / 'last.ckpt'}", f"image={missing}", "question=What shape?"]
+    proc = cli("vlm-predict", args, tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"cannot read image '{missing}': ")
+
+
+def test_eval_of_the_best_checkpoint_reproduces_the_training_test_accuracy(trained_run, tmp_path):
+    """``train`` tests the best checkpoint; ``vlm-eval`` on that file must print the same figure."""
+    out, metrics = trained_run
+    (best,) = (out / "checkpoints").glob("best-*.ckpt")
+    proc = cli("vlm-eval", [f"ckpt={best}"], tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = dict(re.findall(r"^(test/[\w/]+): ([\d.]+)$", proc.stdout, flags=re.M))
+    assert float(printed["test/acc"]) == pytest.approx(metrics["test/acc"], abs=1e-4)

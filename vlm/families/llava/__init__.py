@@ -1,1 +1,0 @@
-"""``llava``: plain LLaVA-1.5 (one vision tower, mlp2x_gelu connector, a causal LLM)."""
