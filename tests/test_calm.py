@@ -3,6 +3,7 @@ module (with and without gradient checkpointing) while the towers stay frozen, a
 tower gets its own preprocessing. The last tests run ``train`` with ``experiment=calm_shapes``."""
 
 import json
+from collections import Counter
 
 import hydra
 import pytest
@@ -165,10 +166,20 @@ def calm_grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad for n, p in module.model.vision_tower.calm.named_parameters()}
 
 
+def forward_counts(module) -> Counter:
+    """Forward calls of each composition module, from now on."""
+    counts: Counter = Counter()
+    for layer, m in module.model.vision_tower.calm.items():
+        m.register_forward_pre_hook(lambda _m, _args, layer=layer: counts.update([layer]))
+    return counts
+
+
 @pytest.mark.parametrize("fusion", ["cross_attention", "gated_attention", "simple_add"])
 @pytest.mark.parametrize("mapping", ["linear", "mlp", "attention"])
 def test_every_calm_parameter_gets_the_same_gradient_with_and_without_checkpointing(fusion, mapping):
-    grads = {}
+    """Same gradients either way, and with the flag each module's forward is run again in the
+    backward pass: checkpointing that silently did nothing would pass the first check alone."""
+    grads, calls = {}, {}
     for ckpt in (False, True):
         module = calm_module(
             f"family.model.calm.fusion={fusion}", f"family.model.calm.mapping={mapping}",
@@ -178,7 +189,9 @@ def test_every_calm_parameter_gets_the_same_gradient_with_and_without_checkpoint
             for m in module.model.vision_tower.calm.values():
                 m.gate.data.fill_(0.3)
         assert module.model.vision_tower.gradient_checkpointing is ckpt
+        calls[ckpt] = forward_counts(module)
         grads[ckpt] = calm_grads(module)
+    assert calls == {False: {"2": 1, "4": 1}, True: {"2": 2, "4": 2}}  # modules at blocks 2 and 4
     assert grads[False].keys() == grads[True].keys()
     for name, g in grads[True].items():
         assert g is not None and g.abs().sum() > 0, name

@@ -4,7 +4,10 @@ trained run (``trained_run`` in conftest)."""
 import re
 
 import pytest
-from runs import cli, shapesworld_root
+import torch
+from runs import cli, load_ckpt, shapesworld_root
+
+from vlm.core.lit_module import VLMLitModule
 
 
 def test_predict_answers_a_question_from_the_checkpoint(trained_run, shapesworld, tmp_path):
@@ -38,3 +41,20 @@ def test_eval_of_the_best_checkpoint_reproduces_the_training_test_accuracy(train
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = dict(re.findall(r"^(test/[\w/]+): ([\d.]+)$", proc.stdout, flags=re.M))
     assert float(printed["test/acc"]) == pytest.approx(metrics["test/acc"], abs=1e-4)
+
+
+def test_a_checkpoint_names_its_format_and_only_a_lightning_module_class(trained_run, tmp_path):
+    out, _ = trained_run
+    ckpt = load_ckpt(out / "checkpoints" / "last.ckpt")
+    assert ckpt["vlm"]["format"] == 2 and ckpt["vlm"]["module"] == "vlm.core.lit_module.VLMLitModule"
+    assert ckpt["hyper_parameters"]["model"]["_target_"] == "vlm.core.llava.LlavaModel"
+    old = tmp_path / "old.ckpt"
+    torch.save({**ckpt, "vlm": {k: v for k, v in ckpt["vlm"].items() if k != "format"}}, old)
+    with pytest.raises(
+        ValueError, match=r"old\.ckpt is a vlm-lab checkpoint of format 1, this version reads format 2"
+    ):
+        VLMLitModule.from_checkpoint(old)
+    other = tmp_path / "other.ckpt"
+    torch.save({**ckpt, "vlm": {**ckpt["vlm"], "module": "collections.OrderedDict"}}, other)
+    with pytest.raises(ValueError, match="'collections.OrderedDict' is not a subclass of VLMLitModule"):
+        VLMLitModule.from_checkpoint(other)

@@ -16,11 +16,19 @@ import torch
 def sample_digests(batch: dict) -> list[str]:
     """One short digest per sample of a train batch (its unpadded tokens and its pixels):
     train batches carry no ids, and equal digests mean the same sample."""
+    pixels = batch.get("pixel_values")
+    towers = (
+        []
+        if pixels is None
+        else [pixels[k] for k in sorted(pixels)]
+        if isinstance(pixels, dict)
+        else [pixels]
+    )
     out = []
     for i, mask in enumerate(batch["attention_mask"].bool()):
         digest = hashlib.sha1(batch["input_ids"][i][mask].numpy().tobytes())
-        if batch.get("pixel_values") is not None:
-            digest.update(batch["pixel_values"][i].numpy().tobytes())
+        for tower in towers:  # one tensor, or one per tower (CALM)
+            digest.update(tower[i].numpy().tobytes())
         out.append(digest.hexdigest()[:16])
     return out
 

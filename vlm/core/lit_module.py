@@ -15,19 +15,21 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 
 from vlm.core.builder import build_model, build_objective
 from vlm.core.checkpoint import load_matching, load_module, payload, plain
 from vlm.core.compile import compile_conf, compile_parts
 from vlm.core.monitoring import ModelMonitor
 from vlm.core.optim import configure_optimizers, decay_groups
-from vlm.core.params import parameter_rows, print_parameter_table
+from vlm.core.params import ParameterTable, parameter_rows
 from vlm.core.processor import VLMProcessor
 from vlm.core.recipes import apply_recipe
 from vlm.core.samples import SampleTable
 from vlm.core.templates import build_template
 
 TEACHER_FORCED, PROMPTS = 0, 1  # the data module's validation and test loaders, in this order
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "loss_weights")
 CONFIGS = ("model", "tune", "optimizer", "scheduler", "objective", "generation", "qtype_weights", "compile")
 
 
@@ -111,43 +113,29 @@ class VLMLitModule(L.LightningModule):
             compile_parts(self.model, self._compile)
             self._compiled = True
 
-    def on_fit_start(self) -> None:
-        rows = self.parameter_rows()
-        if self.trainer.is_global_zero:
-            print_parameter_table(rows)
-        for logger in self.loggers:
-            logger.log_hyperparams(
-                {f"params/{r['component']}/{k}": r[k] for r in rows for k in ("total", "trainable")}
-            )
-
     def configure_callbacks(self) -> list[L.Callback]:
-        return [ModelMonitor(self.hparams.monitor_every)]
+        """The parameter table at fit start and the model's health logs, in every run."""
+        return [ParameterTable(), ModelMonitor(self.hparams.monitor_every)]
 
     # -- steps -------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
-        return self.model(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("pixel_values"),
-            batch.get("labels"),
-            batch.get("loss_weights"),
-        )
+        return self.model(**{k: batch.get(k) for k in MODEL_INPUTS})
 
     def training_step(self, batch: dict, batch_idx: int):
-        if self._skipped(batch):
-            return None
+        if not batch:  # the bad-sample policy dropped every sample of this batch
+            return self._empty_step()
         out = self(batch)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return out["loss"]
 
-    def _skipped(self, batch: dict) -> bool:
-        """An empty batch (the bad-sample policy dropped all of it) trains nothing. Under DDP
-        every rank skips that step together, or the ranks that did train would wait in the
-        gradient all-reduce for the one that did not."""
-        empty = not batch
-        if self.trainer.world_size > 1:
-            empty = self.trainer.strategy.reduce_boolean_decision(empty, all=False)
-        return empty
+    def _empty_step(self) -> torch.Tensor | None:
+        """On one device the step is skipped. Under DDP a rank cannot skip (Lightning refuses,
+        and the other ranks would wait for it in the gradient all-reduce): it takes part with a
+        zero loss on every trained parameter, so the step averages the others' gradients with
+        zeros and all ranks stay in step."""
+        if self.trainer.world_size == 1:
+            return None
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def generate(self, batch: dict, **overrides) -> list[str]:
         kwargs = dict(self.hparams.generation or {}) | overrides

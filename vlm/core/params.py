@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import lightning as L
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -44,3 +45,17 @@ def print_parameter_table(rows: list[dict], console: Console | None = None) -> N
         share = 100 * r["trainable"] / max(r["total"], 1)
         table.add_row(r["component"], f"{r['total']:,}", f"{r['trainable']:,}", f"{share:.2f}")
     (console or Console()).print(table)
+
+
+class ParameterTable(L.Callback):
+    """Prints the module's ``parameter_rows()`` when fitting starts (rank 0) and logs them as
+    hyper-parameters (``params/<component>/total|trainable``)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = pl_module.parameter_rows()
+        if trainer.is_global_zero:
+            print_parameter_table(rows)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(
+                {f"params/{r['component']}/{k}": r[k] for r in rows for k in ("total", "trainable")}
+            )
