@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from hydra.errors import InstantiationException
 from runs import data_overrides, metrics_rows, one_thread, per_step, run_train, steps
+
+from vlm.runtime.errors import ConfigError
 
 COMPILED = "+callbacks.compiled._target_=train_probes.Compiled"
 
@@ -69,7 +70,8 @@ def test_calm_modules_train_through_compiled_checkpointed_blocks(shapesworld, tm
     ],
 )
 def test_compile_config_errors_name_the_key(shapesworld, tmp_path, override, message):
-    with pytest.raises(InstantiationException, match=message):
+    """Said by validation, in one line, before the data or the model exist."""
+    with pytest.raises(ConfigError, match=message):
         run("llava_shapes", shapesworld, tmp_path, override)
 
 

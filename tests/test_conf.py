@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.core import schedulers
-from vlm.runtime.callbacks import instantiate_callbacks
+from vlm.runtime.callbacks import LastCheckpoint, instantiate_callbacks
 from vlm.runtime.checkpoint_io import AtomicCheckpointIO
 from vlm.runtime.identity import choice_tags, run_name
 from vlm.runtime.loggers import instantiate_loggers, resolve_wandb_mode
@@ -228,12 +228,13 @@ def test_default_callbacks(tmp_path):
         ["callbacks.model_checkpoint.monitor=val/acc", "callbacks.model_checkpoint.mode=max"], tmp_path
     )
     callbacks = instantiate_callbacks(cfg.callbacks)
-    by_type = {type(cb): cb for cb in callbacks}
-    best, last = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+    (last,) = [cb for cb in callbacks if isinstance(cb, LastCheckpoint)]
+    (best,) = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb is not last]
     assert (best.monitor, best.mode, best.save_last) == ("val/acc", "max", False)
-    assert (last.monitor, last.filename, last.save_top_k) == (None, "last", 1)
+    assert (last.monitor, last.filename, last.save_top_k, last.between) == (None, "last", 1, 500)
     assert best.dirpath == last.dirpath == str(tmp_path / "checkpoints")
-    assert LearningRateMonitor in by_type and RichProgressBar in by_type
+    assert any(isinstance(cb, LearningRateMonitor) for cb in callbacks)
+    assert any(isinstance(cb, RichProgressBar) for cb in callbacks)
     without_logger = instantiate_callbacks(cfg.callbacks, have_logger=False)
     assert not any(isinstance(cb, LearningRateMonitor) for cb in without_logger)
     assert instantiate_callbacks(compose_train(["callbacks=none"], tmp_path).callbacks) == []

@@ -114,13 +114,23 @@ def test_malformed_json_names_file_and_position(tmp_path):
         read_llava_json(bad)
 
 
-def test_jsonl_holds_one_record_per_line_and_a_bad_line_is_named(tmp_path):
+def test_jsonl_holds_one_record_per_line_and_a_bad_line_is_skipped_or_named(tmp_path, caplog):
     path = tmp_path / "Cambrian737k.jsonl"
     path.write_text('{"id": "a", "conversations": []}\n\n{"id": "b", "conversations": []}\n')
     assert [r["id"] for r in read_llava_json(path)] == ["a", "b"]
-    path.write_text('{"id": "a", "conversations": []}\n{"id": "b",\n')
-    with pytest.raises(DataFormatError, match=r"Cambrian737k.jsonl: .* at line 2 "):
-        read_llava_json(path)
+    good = json.dumps({"id": "g", "conversations": conv(("human", "hi"), ("gpt", "ho"))}).encode()
+    path.write_bytes(b"\n".join([good, b'{"id": "b",', b'\xff{"id": "c"}', good]) + b"\n")
+    with caplog.at_level(logging.WARNING):
+        ds = ConversationDataset(read_llava_json(path), tmp_path, require_image=False, source=str(path))
+    assert len(ds) == 2 and ds.bad_samples == {"malformed JSON line": 1, "undecodable line": 1}
+    named = [r.getMessage() for r in caplog.records]
+    assert f"skipped {path} record 1 (id ?): malformed JSON line: line 2: Expecting" in "\n".join(named)
+    assert f"skipped {path} record 2 (id ?): undecodable line: line 3: not UTF-8" in "\n".join(named)
+    with pytest.raises(BadSampleError, match=r"record 1 \(id \?\): malformed JSON line: line 2: "):
+        ConversationDataset(read_llava_json(path), tmp_path, "raise", require_image=False, source=str(path))
+    (tmp_path / "bad.json").write_bytes(b'[{"id": "\xff"}]')
+    with pytest.raises(DataFormatError, match=r"bad.json is not UTF-8 text: invalid start byte at byte 9$"):
+        read_llava_json(tmp_path / "bad.json")
 
 
 # -- bad samples -----------------------------------------------------------------------------
@@ -187,15 +197,16 @@ def test_bad_sample_is_skipped_and_counted(world, tmp_path, kind, caplog):
     _, reason, structural = BAD[kind]
     with caplog.at_level(logging.WARNING):
         ds = ConversationDataset(read_llava_json(path), tmp_path, on_bad_sample="skip", source=str(path))
-    samples = [ds[k] for k in range(len(ds))]
+        samples = [ds[k] for k in range(len(ds))]
+        [ds[k] for k in range(len(ds))]  # a second epoch neither counts nor names the same image again
     assert len(ds) == (3 if structural else 4)
     assert [s["id"] for s in samples if s is not None] == ["r0", "r1", "r3"]
     assert ds.bad_samples == {reason: 1}
     assert ds.summary() == f"skipped 1/4 samples from {path}: 1 {reason}"
     logged = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert logged == ([ds.summary()] if structural else [])  # once, at construction
-    [ds[k] for k in range(len(ds))]  # a second epoch does not count the same image again
-    assert ds.bad_samples == {reason: 1}
+    named = [m for m in logged if m.startswith(f"skipped {path} record 2 (id r2): {reason}: ")]
+    assert len(named) == 1  # the record, named once
+    assert logged == named + ([ds.summary()] if structural else [])  # the summary at construction
 
 
 @pytest.mark.parametrize("kind", list(BAD))

@@ -90,11 +90,13 @@ def test_captions_are_scored_against_every_reference_of_an_image(monkeypatch):
 
 def test_a_target_names_only_the_kind_of_class_its_key_is_for():
     with pytest.raises(
-        ValueError, match="objective._target_ 'builtins.print' is not a subclass of Objective"
+        ValueError,
+        match="objective._target_ 'builtins.print' is not a known Objective: choose from vlm.core.objec",
     ):
         build_objective({"_target_": "builtins.print"})
     with pytest.raises(
-        ValueError, match=r"family.model._target_ 'builtins.dict' is not a subclass of VLMModel"
+        ValueError,
+        match="family.model._target_ 'builtins.dict' is not a known VLMModel: choose from vlm.core.llava",
     ):
         build_model({"_target_": "builtins.dict"}, tokenizer=None)
     with pytest.raises(ValueError, match="family.model._target_ is missing: it names a VLMModel class"):

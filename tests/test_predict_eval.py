@@ -56,5 +56,8 @@ def test_a_checkpoint_names_its_format_and_only_a_lightning_module_class(trained
         VLMLitModule.from_checkpoint(old)
     other = tmp_path / "other.ckpt"
     torch.save({**ckpt, "vlm": {**ckpt["vlm"], "module": "collections.OrderedDict"}}, other)
-    with pytest.raises(ValueError, match="'collections.OrderedDict' is not a subclass of VLMLitModule"):
+    with pytest.raises(
+        ValueError,
+        match="'collections.OrderedDict' is not a known VLMLitModule: choose from vlm.core.lit_module.VLMLit",
+    ):
         VLMLitModule.from_checkpoint(other)

@@ -8,6 +8,7 @@ from PIL import Image
 from vlm.core.processor import VLMProcessor
 from vlm.core.templates import ChatTemplate, build_template
 from vlm.core.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, train_tokenizer
+from vlm.data.datasets import SkipSample
 
 CONV = [
     {"from": "human", "value": "<image>\nWhat color is the circle?"},
@@ -104,7 +105,8 @@ def test_truncation_never_cuts_the_image_span(tokenizer):
     assert len(cut["input_ids"]) == len(full) - 3
     # the image span ends past max_length: the sample is dropped and counted, not cut
     proc = make_processor(tokenizer, template, max_length=4, num_image_tokens=6)
-    assert proc.encode(sample) is None and proc.dropped["longer than max_length"] == 1
+    with pytest.raises(SkipSample, match="longer than max_length: the image span ends past max_length=4"):
+        proc.encode(sample)
 
 
 def test_collate_pads_right_for_training_and_left_for_generation(tokenizer):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+import vlm.families  # noqa: F401  (the classes a checkpoint may name)
 from vlm.core.lit_module import VLMLitModule
 from vlm.data.shapesworld.scene import BACKGROUND
 

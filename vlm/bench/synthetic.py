@@ -14,6 +14,7 @@ from PIL import Image
 
 from vlm.core.processor import VLMProcessor
 from vlm.core.tokenizer import IMAGE_TOKEN
+from vlm.data.datasets import SkipSample
 
 WORDS = (
     "the a is are there of to left right above below next big small red green blue yellow purple "
@@ -79,11 +80,13 @@ def synthetic_batches(
     for i in range(batch_size):
         image = noise_image(rng)
         turns = long_conversation(processor, rng, text_len)
-        train.append(processor.encode({"id": str(i), "image": image, "conversations": turns}))
-        prompts.append(processor.encode_prompt({"id": str(i), "image": image, "conversations": turns[:2]}))
-    if any(item is None for item in train + prompts):
-        raise ValueError(
-            f"bench.text_len={text_len} leaves no answer token after the first question: "
-            f"raise it ({dict(processor.dropped)})"
-        )
+        try:
+            train.append(processor.encode({"id": str(i), "image": image, "conversations": turns}))
+            prompts.append(
+                processor.encode_prompt({"id": str(i), "image": image, "conversations": turns[:2]})
+            )
+        except SkipSample as err:
+            raise ValueError(
+                f"bench.text_len={text_len} leaves no answer token after the first question: raise it ({err})"
+            ) from None
     return processor.collate(train), processor.collate_prompts(prompts)

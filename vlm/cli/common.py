@@ -1,6 +1,7 @@
 """What every entry point shares, set up on import, before ``@hydra.main`` composes anything:
-where ``conf/`` lives, the structured-config schemas, and ``PROJECT_ROOT`` (``paths.root_dir``),
-so runs land in the repository's ``logs/`` whatever the working directory.
+where ``conf/`` lives, the structured-config schemas, every family's classes (the names configs
+and checkpoints may use), and ``PROJECT_ROOT`` (``paths.root_dir``), so runs land in the
+repository's ``logs/`` whatever the working directory.
 
     from vlm.cli.common import CONFIG_DIR
 
@@ -8,9 +9,12 @@ so runs land in the repository's ``logs/`` whatever the working directory.
     def main(cfg: DictConfig) -> None: ...
 """
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
+import vlm.families  # noqa: F401  (registers every family's classes)
 from vlm.core.schema import register_schemas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -18,6 +22,18 @@ CONFIG_DIR = str(PROJECT_ROOT / "conf")
 
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 register_schemas()
+
+
+def _not_asked_for(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return "litlogger" not in text and "Skipping setting a default `ModelSummary`" not in text
+
+
+# What a researcher did not ask to see: a cloud-logging tip and a note on Lightning's own model
+# summary on every run, and deprecation notes Lightning and transformers raise about their internals.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_asked_for)
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
 
 
 def quote_numeric_options(argv: list[str], config_dir: str = CONFIG_DIR) -> list[str]:

@@ -12,11 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.cli.common import CONFIG_DIR
 from vlm.core.lit_module import VLMLitModule
+from vlm.runtime.errors import said_in_one_line
+from vlm.runtime.validate import check_targets
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = VLMLitModule.from_checkpoint(cfg.ckpt)
     data_cfg = OmegaConf.merge(module.data_config or {}, cfg.get("data") or {})
+    check_targets(OmegaConf.create({"data": data_cfg}))
     datamodule = hydra.utils.instantiate(data_cfg)
     datamodule.prepare_data()
     datamodule.attach(module.processor)
@@ -30,7 +33,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     if not cfg.ckpt:
         raise SystemExit("usage: vlm-eval ckpt=<path.ckpt> [split=test|val] [data.<key>=...]")
-    for key, value in sorted(evaluate(cfg).items()):
+    with said_in_one_line():
+        metrics = evaluate(cfg)
+    for key, value in sorted(metrics.items()):
         print(f"{key}: {value:.4f}")
 
 

@@ -6,7 +6,9 @@ orders the steps (the tokenizer needs the data's text, the data needs the model'
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 
 import hydra
 import lightning as L
@@ -15,8 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from vlm.cli.build import build_module, build_tokenizer
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.runtime.config_io import print_config_tree, save_resolved_config
+from vlm.runtime.errors import said_in_one_line
+from vlm.runtime.report import best_checkpoint, summary
 from vlm.runtime.task import task_wrapper
 from vlm.runtime.trainer import make_trainer
+from vlm.runtime.validate import validate
+
+log = logging.getLogger(__name__)
 
 
 def build(cfg: DictConfig, output_dir: str | None = None):
@@ -32,25 +39,33 @@ def build(cfg: DictConfig, output_dir: str | None = None):
 
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
-    L.seed_everything(cfg.seed, workers=True)
+    started = time.monotonic()
     output_dir = cfg.paths.output_dir
     print_config_tree(cfg)
     save_resolved_config(cfg, output_dir)
+    validate(cfg)  # before anything is generated, read, trained or loaded
+    L.seed_everything(cfg.seed, workers=True)
     datamodule, _, module = build(cfg, output_dir)
     trainer = make_trainer(cfg)
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+    if cfg.test and not datamodule.has_split("test"):
+        log.info("no test split (data.test_json is null): testing skipped")
+    elif cfg.test:
+        best = best_checkpoint(trainer)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        for line in summary(trainer, metrics, started):
+            log.info(line)
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    with said_in_one_line():
+        metrics = train(cfg)
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 

@@ -1,8 +1,7 @@
 """Building models and objectives from their configs.
 
-A config (or a shared checkpoint) can only name the kind of class its key is for:
-``family.model._target_`` a :class:`~vlm.core.model.VLMModel`, ``objective._target_`` an
-:class:`~vlm.core.objectives.Objective`.
+``family.model._target_`` names a known :class:`~vlm.core.model.VLMModel`, ``objective._target_``
+a known :class:`~vlm.core.objectives.Objective` (:mod:`vlm.core.classes`: looked up, not imported).
 
 For a "vision tower -> connector -> LLM" model, ``family.model`` is resolved once here.
 
@@ -22,6 +21,7 @@ from typing import Any
 import hydra
 from torch import nn
 
+from vlm.core.classes import known_class
 from vlm.core.model import VLMModel
 from vlm.core.objectives import Objective
 from vlm.core.tokenizer import IMAGE_TOKEN
@@ -81,21 +81,10 @@ def build_parts(
     )
 
 
-def target_class(path: str | None, base: type, what: str) -> type:
-    """The class a config's ``_target_`` (or a checkpoint) names, if it is a ``base``: a
-    config or a shared checkpoint can only name the kind of object its key is for."""
-    if not path:
-        raise ValueError(f"{what} is missing: it names a {base.__name__} class")
-    cls = hydra.utils.get_object(path)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(f"{what} {path!r} is not a subclass of {base.__name__}")
-    return cls
-
-
 def build_model(cfg: dict, tokenizer: Any) -> VLMModel:
     """``family.model``: ``_target_`` names the model class, the rest goes to its ``from_config``."""
     cfg = dict(cfg)
-    return target_class(cfg.pop("_target_", None), VLMModel, "family.model._target_").from_config(
+    return known_class(cfg.pop("_target_", None), VLMModel, "family.model._target_").from_config(
         tokenizer, **cfg
     )
 
@@ -103,4 +92,4 @@ def build_model(cfg: dict, tokenizer: Any) -> VLMModel:
 def build_objective(cfg: dict) -> Objective:
     """``objective``: ``_target_`` names the objective class, the rest are its arguments."""
     cfg = dict(cfg)
-    return target_class(cfg.pop("_target_", None), Objective, "objective._target_")(**cfg)
+    return known_class(cfg.pop("_target_", None), Objective, "objective._target_")(**cfg)

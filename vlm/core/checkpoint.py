@@ -1,15 +1,22 @@
 """Self-contained checkpoints: a ``.ckpt`` carries the tokenizer, the data config and the
-hyper-parameters (plain config values, never modules), so a run trained with an in-process
-tokenizer is rebuilt and queried from the file alone, with no hub access.
+hyper-parameters, so a run trained with an in-process tokenizer is rebuilt and queried from the
+file alone, with no hub access.
 
     ckpt["vlm"] = {"format": 2, "module": "<LightningModule class>", "tokenizer": {file: text},
                    "data": <data config>}
+
+Everything in it is a tensor, a string, a number or a plain list/dict, so every checkpoint is
+read with ``torch.load(weights_only=True)``: a file from elsewhere cannot run code when loaded,
+and the classes it names are looked up among the known ones (:mod:`vlm.core.classes`), never
+imported. ``vlm-convert`` turns a checkpoint of an earlier release into this format, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +25,14 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import AutoTokenizer
 
-from vlm.core.builder import target_class
+from vlm.core.classes import known_class
 
-FORMAT = 2  # 2: family.model names its model class; the objective is a hyper-parameter
+FORMAT = 2  # 2: plain values only; family.model names its model class; the objective is a hyper-parameter
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, truncated, foreign, or holding code); the
+    one-line message says which file and what to do."""
 
 
 def plain(value: Any) -> Any:
@@ -58,15 +70,37 @@ def payload(module: Any) -> dict:
     }
 
 
+def check_readable(path: str | Path) -> None:
+    """Without loading it: ``path`` is a file and a whole torch zip archive."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a torch checkpoint (not a zip archive, or a truncated one)")
+
+
 def read_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict:
-    ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    """One of our checkpoints, read without running code from it."""
+    check_readable(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values, and loading it could run code "
+            f"from the file, so it is not loaded; a checkpoint of an earlier vlm-lab you trust is "
+            f"converted once with: vlm-convert ckpt={path} out=<new.ckpt>"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint: {str(err).splitlines()[0]}"
+        ) from err
     extra = ckpt.get("vlm") if isinstance(ckpt, dict) else None
     if extra is None:
-        raise ValueError(f"{path} has no tokenizer and model config: not a vlm-lab checkpoint")
+        raise CheckpointError(f"{path} has no tokenizer and model config: not a vlm-lab checkpoint")
     if extra.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is a vlm-lab checkpoint of format {extra.get('format', 1)}, this version reads "
-            f"format {FORMAT}: train it again, or read it with the release that wrote it"
+            f"format {FORMAT}: convert it once with vlm-convert ckpt={path} out=<new.ckpt>"
         )
     return ckpt
 
@@ -74,7 +108,7 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
 def load_module(path: str | Path, base: type, map_location: str = "cpu"):
     """The LightningModule a checkpoint holds (its class must be a ``base``), in eval mode."""
     ckpt = read_checkpoint(path, map_location)
-    target = target_class(ckpt["vlm"]["module"], base, "the checkpoint's module")
+    target = known_class(ckpt["vlm"]["module"], base, f"{Path(path).name}'s module")
     tokenizer = tokenizer_from_dict(ckpt["vlm"]["tokenizer"])
     module = target(**rebuild_hparams(ckpt["hyper_parameters"]), tokenizer=tokenizer)
     module.load_state_dict(ckpt["state_dict"])

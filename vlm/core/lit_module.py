@@ -19,6 +19,7 @@ import torch
 
 from vlm.core.builder import build_model, build_objective
 from vlm.core.checkpoint import load_matching, load_module, payload, plain
+from vlm.core.classes import Known
 from vlm.core.compile import compile_conf, compile_parts
 from vlm.core.monitoring import ModelMonitor
 from vlm.core.optim import configure_optimizers, decay_groups
@@ -30,10 +31,9 @@ from vlm.core.templates import build_template
 
 TEACHER_FORCED, PROMPTS = 0, 1  # the data module's validation and test loaders, in this order
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "labels", "loss_weights")
-CONFIGS = ("model", "tune", "optimizer", "scheduler", "objective", "generation", "qtype_weights", "compile")
 
 
-class VLMLitModule(L.LightningModule):
+class VLMLitModule(Known, L.LightningModule):
     """Hyper-parameters are the plain config dicts (never modules), so a checkpoint rebuilds
     its model from ``hyper_parameters`` plus the tokenizer stored beside the weights."""
 
@@ -59,8 +59,8 @@ class VLMLitModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         hp = self.hparams
-        for key in CONFIGS:
-            hp[key] = plain(hp[key])
+        for key, value in hp.items():  # plain values (a subclass's arguments too): weights-only checkpoints
+            hp[key] = plain(value)
         if tokenizer is None:
             raise ValueError("a tokenizer is needed to build the model (vocabulary, <image> id)")
         self.tokenizer = tokenizer
@@ -114,8 +114,10 @@ class VLMLitModule(L.LightningModule):
             self._compiled = True
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The parameter table at fit start and the model's health logs, in every run."""
-        return [ParameterTable(), ModelMonitor(self.hparams.monitor_every)]
+        """The parameter table at fit start and the model's health logs, in every run (once:
+        a ``test`` after ``fit`` finds them there)."""
+        ours = [ParameterTable(), ModelMonitor(self.hparams.monitor_every)]
+        return [c for c in ours if not any(type(t) is type(c) for t in self.trainer.callbacks)]
 
     # -- steps -------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:

@@ -13,10 +13,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from vlm.core.classes import Known
 from vlm.core.recipes import keep_frozen_in_eval
 
 
-class VLMModel(nn.Module):
+class VLMModel(Known, nn.Module):
+    nameable = False  # an abstract base
+
     @classmethod
     def from_config(cls, tokenizer: Any, **cfg: Any) -> VLMModel:
         """The model of ``family.model`` (its ``_target_`` removed), for ``tokenizer``."""

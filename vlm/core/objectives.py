@@ -15,15 +15,18 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from vlm.core.caption_metrics import CaptionMetrics
+from vlm.core.classes import Known
 from vlm.core.metrics import VQAAccuracy
 from vlm.core.tokenizer import IMAGE_TOKEN
 
 SPLITS = ("val", "test")
 
 
-class Objective(nn.Module):
+class Objective(Known, nn.Module):
     """Metric states are submodules, so they move to the module's device (DDP syncs them
     there) and stay out of checkpoints."""
+
+    nameable = False  # an abstract base
 
     monitor: str  # the figure, without its split, that picks the best checkpoint
     progress: tuple[str, ...] = ()  # figures shown on the progress bar

@@ -7,7 +7,6 @@ to cut the image span, and the model only has to scatter features into marked po
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -17,6 +16,7 @@ from torchvision.transforms import v2
 from vlm.core.templates import Template
 from vlm.core.tokenizer import IGNORE_INDEX, IMAGE_TOKEN
 from vlm.core.zoo.registry import ImageSpec
+from vlm.data.datasets import SkipSample
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
@@ -58,7 +58,6 @@ class VLMProcessor:
         self.max_length = max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_token_id = tokenizer.pad_token_id
-        self.dropped: Counter[str] = Counter()
         self.text_cache_size = 0
         self._text_cache: dict[tuple, tuple[list[int], list[int], list[float]]] = {}
 
@@ -107,29 +106,29 @@ class VLMProcessor:
         out = {name: tf(image) for name, tf in self.image_transforms.items()}
         return next(iter(out.values())) if len(out) == 1 else out
 
-    def encode(self, sample: dict) -> dict | None:
+    def encode(self, sample: dict) -> dict:
         """A training sample: ``input_ids``, ``labels`` (the replies only), ``pixel_values``
-        and, with question-type weights, ``loss_weights``; None when it cannot be used."""
+        and, with question-type weights, ``loss_weights``. ``SkipSample`` when it cannot be
+        used (the data set skips and counts it, or raises, by its ``on_bad_sample``)."""
         return self._encode(sample, prompt=False)
 
-    def encode_prompt(self, sample: dict) -> dict | None:
+    def encode_prompt(self, sample: dict) -> dict:
         """A prompt for generation: the conversation up to its last reply, which becomes the
         ``answer`` to score against (with ``meta`` and ``id``)."""
         return self._encode(sample, prompt=True)
 
-    def _encode(self, sample: dict, prompt: bool) -> dict | None:
+    def _encode(self, sample: dict, prompt: bool) -> dict:
         turns = sample["conversations"]
         weights = None if prompt else self.reply_weights(sample, len(turns) // 2)
         ids, labels, token_weights = self.encode_text(turns, prompt, weights)
         if len(ids) > self.max_length:
             if prompt or self._image_end(ids) > self.max_length:
-                self.dropped["longer than max_length"] += 1
-                return None
+                what = "the prompt" if prompt else "the image span"
+                raise SkipSample("longer than max_length", f"{what} ends past max_length={self.max_length}")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             token_weights = token_weights[: self.max_length]
         if not prompt and all(x == IGNORE_INDEX for x in labels):
-            self.dropped["no target tokens left"] += 1
-            return None
+            raise SkipSample("no target tokens left", f"every reply lies past max_length={self.max_length}")
         item = {"input_ids": torch.tensor(ids), "pixel_values": self.pixels(sample.get("image"))}
         if prompt:
             item.update(answer=turns[-1]["value"], meta=sample.get("meta", {}), id=sample.get("id"))

@@ -196,6 +196,16 @@ class WandbLoggerConf:
 
 
 @dataclass
+class LastCheckpointConf:
+    """``callbacks.last_checkpoint`` (``vlm.runtime.callbacks.LastCheckpoint``)."""
+
+    _target_: str = "vlm.runtime.callbacks.LastCheckpoint"
+    dirpath: str = "${paths.output_dir}/checkpoints"
+    filename: str = "last"
+    every_n_train_steps: int | None = None
+
+
+@dataclass
 class StageConf:
     """A training stage: what each part trains (``tune.<part>``: a ``PartTune``), the learning
     rate, the conversation template, the checkpoint it starts from and the dtype its frozen
@@ -218,6 +228,7 @@ class TrainConf:
     tags: list[str] = field(default_factory=list)
     seed: int | None = None
     ckpt_path: str | None = None
+    allow_external_targets: bool = False
     train: bool = True
     test: bool = True
     monitor: str | None = None
@@ -261,3 +272,4 @@ def register_schemas() -> None:
     cs.store(group="logger", name="_schema_csv", node=CSVLoggerConf)
     cs.store(group="logger", name="_schema_tensorboard", node=TensorBoardLoggerConf)
     cs.store(group="logger", name="_schema_wandb", node=WandbLoggerConf)
+    cs.store(group="callbacks", name="_schema_last", node=LastCheckpointConf)

@@ -20,9 +20,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from vlm.data.datasets import IMAGE_TOKEN, ConversationDataset
+from vlm.data.datasets import IMAGE_TOKEN, ConversationDataset, check_record
 from vlm.data.readers import caption_conversations, read_coco_captions, read_llava_json
 from vlm.data.sampling import CountingLoader, ResumableSampler
 from vlm.data.shapesworld import ShapesWorldConfig, generate
@@ -58,7 +59,9 @@ class VLMDataModule(L.LightningDataModule):
     ``text_cache``: conversations whose token ids the processor keeps after their first use
     (0: none); each loader worker keeps its own. ``qtypes``: the question types the records
     carry (``meta.qtype``), which the VQA objective scores one by one (``objective.qtypes``
-    reads them from here); an evaluated split with other types says so once.
+    reads them from here); an evaluated split with other types says so once. ``val_holdout``:
+    with no ``val_json``, this many train records (seeded) are the validation split instead,
+    and training never sees them.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class VLMDataModule(L.LightningDataModule):
         corpus_json: Sequence[str] | None = None,
         text_cache: int = 0,
         qtypes: Sequence[str] = (),
+        val_holdout: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -90,6 +94,9 @@ class VLMDataModule(L.LightningDataModule):
         if reader not in SOURCES[1:]:
             raise ValueError(f"data.reader must be one of {SOURCES[1:]}, got {reader!r}")
         self.save_hyperparameters()
+        for key, value in self.hparams.items():  # plain values, so checkpoints load weights-only
+            if OmegaConf.is_config(value):
+                self.hparams[key] = OmegaConf.to_container(value, resolve=True)
         self.processor: Any = None
         self.datasets: dict[str, ConversationDataset] = {}
         self._train_loader: CountingLoader | None = None
@@ -121,9 +128,8 @@ class VLMDataModule(L.LightningDataModule):
         files = {s: root / f if isinstance(f, str) else [root / p for p in f] for s, f in files.items() if f}
         return kind, files, str(root / karpathy) if karpathy else None, root / (images or ".")
 
-    def _dataset(self, split: str) -> ConversationDataset:
-        if split in self.datasets:
-            return self.datasets[split]
+    def _read(self, split: str) -> ConversationDataset:
+        """The split's file(s) as a dataset."""
         hp = self.hparams
         kind, files, karpathy, images = self._layout()
         if split not in files:
@@ -136,16 +142,56 @@ class VLMDataModule(L.LightningDataModule):
             coco = read_coco_captions(path, karpathy, split if karpathy else None)
             records = caption_conversations(coco, per_caption=split == "train")
             source = f"{karpathy} ({split})" if karpathy else str(path)
-        ds = ConversationDataset(
-            records, images, hp.on_bad_sample, require_image=hp.require_image, source=source
-        )
         if split != "train":
             self._check_qtypes(records, source)
+        return ConversationDataset(
+            records, images, hp.on_bad_sample, require_image=hp.require_image, source=source
+        )
+
+    def held_out(self) -> bool:
+        """Validation runs on ``val_holdout`` records held out of train (no val file)."""
+        return bool(self.hparams.val_holdout) and "val" not in self._layout()[1]
+
+    def has_split(self, split: str) -> bool:
+        return split in self._layout()[1] or (split == "val" and self.held_out())
+
+    def _dataset(self, split: str) -> ConversationDataset:
+        if split in self.datasets:
+            return self.datasets[split]
+        hp = self.hparams
+        if split in ("train", "val") and self.held_out():
+            train = self._read("train")
+            n = min(hp.val_holdout, len(train) - 1)
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+            self.datasets["val"] = train.subset(sorted(order[:n]))
+            self.datasets["train"] = train.subset(sorted(order[n:]))
+            log.info(f"no data.val_json: validating on {n} records held out of train (data.val_holdout)")
+            return self.datasets[split]
+        ds = self._read(split)
         if split == "val" and hp.max_val_samples and len(ds) > hp.max_val_samples:
             g = torch.Generator().manual_seed(hp.seed)
             ds = ds.subset(sorted(torch.randperm(len(ds), generator=g)[: hp.max_val_samples].tolist()))
         self.datasets[split] = ds
         return ds
+
+    def check_files(self, splits: Sequence[str]) -> None:
+        """Before anything is read: each split's files exist (a held-out val needs none;
+        ShapesWorld writes its own in ``prepare_data``)."""
+        if self.hparams.source == "shapesworld":
+            return
+        _, files, karpathy, images = self._layout()
+        for split in splits:
+            if split == "val" and self.held_out():
+                continue
+            if split not in files:
+                also = " or data.val_holdout" if split == "val" else ""
+                raise ValueError(f"no file for the {split} split: set data.{split}_json{also}")
+            paths = [files[split]] if isinstance(files[split], Path) else files[split]
+            for path in [*paths, *([Path(karpathy)] if karpathy else [])]:
+                if not path.is_file():
+                    raise ValueError(f"data.{split}_json: {path} does not exist")
+        if not images.is_dir():
+            raise ValueError(f"data.image_folder: {images} is not a folder")
 
     def _check_qtypes(self, records: Sequence[Any], source: str) -> None:
         found = Counter(r.get("qtype") for r in records if isinstance(r, dict) and r.get("qtype"))
@@ -168,7 +214,8 @@ class VLMDataModule(L.LightningDataModule):
         """
         files = self.hparams.corpus_json
         if files:
-            convs = (r["conversations"] for f in files for r in read_llava_json(Path(self.hparams.root) / f))
+            records = (r for f in files for r in read_llava_json(Path(self.hparams.root) / f))
+            convs = (r["conversations"] for r in records if check_record(r, require_image=False) is None)
         else:
             convs = self._dataset("train").conversations()
         for turns in convs:
@@ -283,6 +330,6 @@ class VLMDataModule(L.LightningDataModule):
         """Log each split's skip summary once more if image failures changed it."""
         for split, ds in self.datasets.items():
             line = ds.summary()
-            if ds.io_failures.any() and self._logged.get(split) != line:
+            if ds.read_failures.any() and self._logged.get(split) != line:
                 log.warning(line)
                 self._logged[split] = line

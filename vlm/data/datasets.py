@@ -6,10 +6,13 @@ message naming file, record and reason (``on_bad_sample="raise"``, for curating 
 is skipped and counted (``"skip"``, for training), so a few broken records never cost a
 run and never go unnoticed.
 
-Record checks need no image IO and run once at construction; image errors can only be
-seen when the image is read, in ``__getitem__``, which then returns ``None`` (the
-processor's collate drops it). Those are recorded per record in a shared-memory tensor, so
-counts made inside DataLoader worker processes reach the main process (per DDP rank).
+Record checks need no image IO and run once at construction (a JSONL line that is no record
+arrives as a :class:`~vlm.data.readers.BadLine` and fails them too). Image errors can only be
+seen when the image is read, in ``__getitem__``, and so can a transform's refusal (the
+processor's :class:`SkipSample`: longer than ``max_length``, no target token left); the sample
+is then ``None`` (the processor's collate drops it). Those are recorded per record in a
+shared-memory tensor, so counts made inside DataLoader worker processes reach the main process
+(per DDP rank). The first few skips of each reason are named in a WARNING.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vlm.data.readers import BadLine
+
 log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"  # LLaVA JSON's image placeholder
 ROLES = ("human", "gpt")  # turn 2k is human, 2k+1 gpt
-IO_REASONS = ("missing image", "unreadable image")  # codes 1, 2 in the per-record tensor
+# Reasons only seen when a sample is read: codes 1.. in the per-record tensor.
+READ_REASONS = ("missing image", "unreadable image", "longer than max_length", "no target tokens left")
+NAMED_PER_REASON = 3  # skips of one reason named one by one (per process); the rest are counted
 RECORD_KEYS = ("id", "image", "conversations")
 
 
@@ -37,8 +44,19 @@ class BadSampleError(ValueError):
     """A record cannot be used; the one-line message names file, index, id and reason."""
 
 
+class SkipSample(ValueError):
+    """A transform's verdict that a sample cannot be used (``reason``: one of ``READ_REASONS``);
+    the dataset skips and counts it, or raises, as for any bad sample."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
 def check_record(rec: Any, require_image: bool) -> tuple[str, str] | None:
     """(reason, detail) when the record cannot become a training sample, else None."""
+    if isinstance(rec, BadLine):
+        return rec.reason, rec.detail
     if not isinstance(rec, dict):
         return "malformed record", f"a JSON {type(rec).__name__}, not an object"
     if rec.get("image") is not None and not isinstance(rec["image"], str):
@@ -95,6 +113,7 @@ class ConversationDataset(Dataset):
         self.transform = transform
         self.source = source
         self.rejected: Counter[str] = Counter()
+        self._named: Counter[str] = Counter()
         self.index: list[int] = []  # positions in `records` that passed the record checks
         for i, rec in enumerate(records):
             bad = check_record(rec, require_image)
@@ -104,7 +123,8 @@ class ConversationDataset(Dataset):
             if on_bad_sample == "raise":
                 raise BadSampleError(self._message(i, *bad))
             self.rejected[bad[0]] += 1
-        self.io_failures = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
+            self._name(i, *bad)
+        self.read_failures = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
         if self.rejected:
             log.warning(self.summary())
 
@@ -121,22 +141,36 @@ class ConversationDataset(Dataset):
                 with Image.open(path) as im:
                     image = im.convert("RGB")
             except FileNotFoundError:
-                return self._fail(i, 1, str(path))
+                return self._fail(i, "missing image", str(path))
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                return self._fail(i, 2, f"{path}: {e}")
+                return self._fail(i, "unreadable image", f"{path}: {e}")
         sample = {
             "id": str(rec.get("id", i)),
             "image": image,
             "conversations": rec["conversations"],
             "meta": {k: v for k, v in rec.items() if k not in RECORD_KEYS},
         }
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is None:
+            return sample
+        try:
+            return self.transform(sample)
+        except SkipSample as e:
+            return self._fail(i, e.reason, e.detail)
 
-    def _fail(self, i: int, code: int, detail: str) -> None:
+    def _fail(self, i: int, reason: str, detail: str) -> None:
         if self.on_bad_sample == "raise":
-            raise BadSampleError(self._message(i, IO_REASONS[code - 1], detail))
-        self.io_failures[i] = code
+            raise BadSampleError(self._message(i, reason, detail))
+        first = not self.read_failures[i]  # named once, however many epochs read it
+        self.read_failures[i] = READ_REASONS.index(reason) + 1
+        if first:
+            self._name(i, reason, detail)
         return None
+
+    def _name(self, i: int, reason: str, detail: str) -> None:
+        """A WARNING naming the skipped record, for the first few of each reason."""
+        self._named[reason] += 1
+        if self._named[reason] <= NAMED_PER_REASON:
+            log.warning(f"skipped {self._message(i, reason, detail)}")
 
     def _message(self, i: int, reason: str, detail: str) -> str:
         rec = self.records[i]
@@ -144,11 +178,15 @@ class ConversationDataset(Dataset):
         return f"{self.source} record {i} (id {rid}): {reason}: {detail}"
 
     @property
+    def read_skipped(self) -> Counter[str]:
+        """Records skipped when read so far (image faults, the transform's refusals), by reason."""
+        codes = torch.bincount(self.read_failures.long(), minlength=len(READ_REASONS) + 1).tolist()
+        return Counter({r: n for r, n in zip(READ_REASONS, codes[1:], strict=True) if n})
+
+    @property
     def bad_samples(self) -> Counter[str]:
-        """Skipped records by reason: rejected at construction + image failures so far."""
-        codes = torch.bincount(self.io_failures.long(), minlength=len(IO_REASONS) + 1).tolist()
-        io = Counter({r: n for r, n in zip(IO_REASONS, codes[1:], strict=True) if n})
-        return self.rejected + io
+        """Skipped records by reason: rejected at construction + skipped when read so far."""
+        return self.rejected + self.read_skipped
 
     def summary(self) -> str:
         """E.g. "skipped 3/1000 samples from llava_train.json: 2 missing image, 1 malformed conversation"."""

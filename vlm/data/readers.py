@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,15 @@ class DataFormatError(ValueError):
     """A data file is not in the format its reader expects; the message is one line."""
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A JSONL line that is no record (not UTF-8, or not JSON); it stands in the record list
+    so that the dataset's ``on_bad_sample`` policy skips and counts it, or raises naming it."""
+
+    reason: str
+    detail: str
+
+
 def _load_json(path: Path) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
@@ -30,20 +40,27 @@ def _load_json(path: Path) -> Any:
         raise DataFormatError(
             f"malformed JSON in {path}: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
         ) from None
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
 
 
 def _load_jsonl(path: Path) -> list[Any]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """One record per non-empty line; a line that is no record becomes a :class:`BadLine`."""
+    records: list[Any] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                detail = f"line {lineno}: not UTF-8 ({e.reason} at byte {e.start})"
+                records.append(BadLine("undecodable line", detail))
+                continue
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataFormatError(
-                    f"malformed JSON in {path}: {e.msg} at line {lineno} column {e.colno}"
-                ) from None
+                records.append(BadLine("malformed JSON line", f"line {lineno}: {e.msg} at column {e.colno}"))
     return records
 
 

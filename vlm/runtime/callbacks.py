@@ -7,10 +7,38 @@
 import logging
 
 import hydra
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
+from vlm.runtime.checkpoint_io import remove_stale_temp_files
+
 log = logging.getLogger(__name__)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, the file a resume reads: rewritten at every validation (at every epoch's
+    end without one) and, with ``every_n_train_steps``, every that many optimizer steps as well,
+    so a run killed between validations loses at most that many steps. Lightning's own
+    ``ModelCheckpoint`` takes one trigger or the other, not both. The temp files of a write that
+    was killed (see ``checkpoint_io``) are removed when the next run starts."""
+
+    def __init__(self, dirpath: str, filename: str = "last", every_n_train_steps: int | None = None) -> None:
+        super().__init__(
+            dirpath=dirpath, filename=filename, monitor=None, save_top_k=1, enable_version_counter=False
+        )
+        self.between = every_n_train_steps or 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath:
+            for tmp in remove_stale_temp_files(self.dirpath):
+                log.info(f"removed {tmp}, left by a run killed while writing it")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.between and trainer.global_step % self.between == 0:
+            if not self._should_skip_saving_checkpoint(trainer):  # once per optimizer step
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def instantiate_callbacks(callbacks_cfg: DictConfig | None, *, have_logger: bool = True) -> list[Callback]:

@@ -15,20 +15,25 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def frozen_dtype(name: str, precision: str | None = None) -> torch.dtype:
+    """The dtype ``stage.frozen_dtype`` names; with ``precision``, also that it is a mixed one."""
+    if name not in DTYPES:
+        raise ValueError(f"stage.frozen_dtype={name!r}: choose from {', '.join(DTYPES)} or null")
+    if precision is not None and not str(precision).endswith("-mixed"):
+        raise ValueError(
+            f"stage.frozen_dtype={name} needs a mixed trainer.precision (bf16-mixed, 16-mixed), "
+            f"got {precision}"
+        )
+    return DTYPES[name]
+
+
 class FrozenDtype(L.Callback):
     def __init__(self, name: str) -> None:
-        if name not in DTYPES:
-            raise ValueError(f"stage.frozen_dtype={name!r}: choose from {', '.join(DTYPES)} or null")
-        self.name, self.dtype = name, DTYPES[name]
+        self.name, self.dtype = name, frozen_dtype(name)
         self._stored: list[torch.nn.Parameter] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        precision = str(trainer.precision)
-        if not precision.endswith("-mixed"):
-            raise ValueError(
-                f"stage.frozen_dtype={self.name} needs a mixed trainer.precision (bf16-mixed, 16-mixed), "
-                f"got {precision}"
-            )
+        frozen_dtype(self.name, trainer.precision)
         self._stored = [p for p in pl_module.parameters() if not p.requires_grad and p.is_floating_point()]
         for p in self._stored:
             p.data = p.data.to(self.dtype)

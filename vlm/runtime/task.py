@@ -6,9 +6,10 @@ unfinished wandb run (the next ``WandbLogger`` attaches to it), DDP launch varia
 process group (see ``distributed``). The wrapper clears those, logs the traceback into the job's
 own log, always names the output dir, and re-raises: the original exception in a single run;
 in a multirun a ``JobFailedError`` naming the job, because launchers that run jobs in other
-processes (joblib, submitit) must pickle it back and not every exception pickles. A zoo error
-that Hydra's ``instantiate`` wrapped (a missing checkpoint, an unknown model name) is raised
-unwrapped, so its one-line message is what the user and the multirun summary see.
+processes (joblib, submitit) must pickle it back and not every exception pickles. An expected
+error (``vlm.runtime.errors``: config, data, checkpoint) is raised unwrapped from Hydra's
+``instantiate`` wrappers and its traceback goes to the job's log file only, so its one-line
+message is what the user and the multirun summary see.
 """
 
 import functools
@@ -18,12 +19,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from vlm.core.zoo.errors import CheckpointMissingError, UnknownModelError
 from vlm.runtime.distributed import isolated_distributed_state
+from vlm.runtime.errors import expected_error, full_errors, one_line, to_log_files
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,15 +49,6 @@ def _finish_wandb(exit_code: int) -> None:
             wandb.finish(exit_code=exit_code)
 
 
-def _reported(exc: Exception) -> Exception:
-    """``exc``, or the zoo error under it: ``instantiate`` wraps an error in one
-    ``InstantiationException`` per nested ``_target_``, each repeating the last as a repr."""
-    inner: BaseException = exc
-    while isinstance(inner, InstantiationException) and inner.__cause__ is not None:
-        inner = inner.__cause__
-    return inner if isinstance(inner, CheckpointMissingError | UnknownModelError) else exc
-
-
 def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
     """Decorate an entry point's ``task(cfg)``; see the module docstring for what it guarantees."""
 
@@ -71,13 +62,16 @@ def task_wrapper(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
             exit_code = 0
             return result
         except Exception as caught:
-            log.exception("Task failed")
-            exc = _reported(caught)
+            exc = expected_error(caught)
+            if exc is None or full_errors():
+                log.exception("Task failed")  # a bug: the traceback wherever the logs go
+            else:
+                to_log_files(caught)  # a user error: said in one line, the traceback in the log file
             if multirun:
                 raise JobFailedError(
-                    f"job {label} failed with {type(exc).__name__}: {exc}\n(traceback in {output_dir})"
-                ) from exc
-            if exc is not caught:
+                    f"job {label} failed with {one_line(exc or caught)}\n(traceback in {output_dir})"
+                ) from exc or caught
+            if exc is not None and exc is not caught:
                 raise exc from None
             raise
         finally:

@@ -1,8 +1,8 @@
 """The Lightning ``Trainer`` of a run, with its loggers and callbacks, ready for DDP under Hydra.
 
 ``make_trainer`` is the one place a run's trainer is put together (``vlm-train``, ``vlm-bench``,
-the test harness): loggers from the ``logger`` group, callbacks from ``callbacks``, the
-``stage.frozen_dtype`` callback, then the ``trainer`` group.
+the test harness): loggers from the ``logger`` group, callbacks from ``callbacks``, the skipped
+samples' report, the ``stage.frozen_dtype`` callback, then the ``trainer`` group.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from vlm.runtime.distributed import prepare_script_relaunch
 from vlm.runtime.frozen_dtype import FrozenDtype
 from vlm.runtime.identity import run_identity
 from vlm.runtime.loggers import instantiate_loggers, log_resolved_config
+from vlm.runtime.report import SkippedSamples
 
 
 def make_trainer(
@@ -34,6 +35,8 @@ def make_trainer(
     loggers = instantiate_loggers(cfg.get("logger"), run_identity(cfg)) if harness else []
     log_resolved_config(loggers, cfg)
     callbacks = instantiate_callbacks(cfg.get("callbacks"), have_logger=bool(loggers)) if harness else []
+    if harness:
+        callbacks.append(SkippedSamples())
     frozen_dtype = OmegaConf.select(cfg, "stage.frozen_dtype", default=None)
     if frozen_dtype:
         callbacks.append(FrozenDtype(frozen_dtype))

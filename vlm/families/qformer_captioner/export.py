@@ -20,8 +20,8 @@ from pathlib import Path
 from safetensors.torch import load_model, save_model
 from transformers import AutoTokenizer
 
-from vlm.core.builder import target_class
 from vlm.core.checkpoint import rebuild_hparams
+from vlm.core.classes import known_class
 from vlm.core.lit_module import VLMLitModule
 
 FORMAT = "vlm-lab/qformer_captioner/2"  # 2: hyper-parameters of checkpoint format 2
@@ -60,7 +60,7 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
     if config.get("format") != FORMAT:
         raise ValueError(f"{config_file}: format {config.get('format')!r}, expected {FORMAT!r}")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    target = target_class(config["module"], VLMLitModule, f"{config_file}'s module")
+    target = known_class(config["module"], VLMLitModule, f"{config_file}'s module")
     module = target(**config["hyper_parameters"], tokenizer=tokenizer)
     parts = module.model.parts()
     for name, file in config["parts"].items():
