@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vlm-setup.stamp
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
 
-.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer test test-full lint bench clean
+.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer test test-full prove-resume lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -72,6 +72,10 @@ test: setup ## Run the fast tests (not slow, not gpu)
 test-full: export HF_HUB_OFFLINE := 1
 test-full: setup ## Run every test that needs no GPU, slow ones included
 	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
+
+prove-resume: setup ## Kill a run with SIGKILL at 3 random steps, resume each time: same weights as unkilled
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/apps/kill_resume.py --workers 2 $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/apps/kill_resume.py --workers 2 --ddp $(ARGS)
 
 lint: setup ## ruff check + ruff format --check
 	$(BIN)/ruff check .

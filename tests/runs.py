@@ -86,6 +86,41 @@ def experiment_overrides(experiment: str, data_dir: Path, *extra: str) -> list[s
     return [f"experiment={experiment}", *tiny, *extra]
 
 
+TEXT_ONLY = [  # mix665k has conversations without an image
+    {"id": f"text{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+    for i, (q, a) in enumerate(
+        [("Name a colour.", "red"), ("Name a shape.", "a circle"), ("Count to two.", "one two")]
+    )
+]
+
+
+def shapesworld_as(source: str, data_dir: Path, out: Path) -> list[str]:
+    """Overrides that point a real-data config (``llava_json``, ``coco_captions``) at the files
+    ShapesWorld wrote in that format under ``data_dir``: LLaVA JSON plus a few text-only
+    records (no val file: validation holds out part of train), or COCO captions with their
+    Karpathy split file."""
+    root = shapesworld_root(data_dir)
+    if source == "coco_captions":
+        every = "[" + ",".join(f"annotations/captions_{s}.json" for s in ("train", "val", "test")) + "]"
+        files = [f"data.{split}_json={every}" for split in ("train", "val", "test")]
+        karpathy = ["data.karpathy_json=dataset_coco.json", "data.image_folder=images"]
+        return [f"data.root={root}", *files, *karpathy]
+    mix = out / "llava_mix.json"
+    mix.parent.mkdir(parents=True, exist_ok=True)
+    mix.write_text(json.dumps([*json.loads((root / "llava_train.json").read_text()), *TEXT_ONLY]))
+    return [f"data.root={out}", f"data.train_json={mix.name}", f"data.image_folder={root}"]
+
+
+def tiny_real_data(cfg: DictConfig, data_dir: Path, out: Path) -> list[str]:
+    """A real-data, real-weights experiment made runnable here: its data config pointed at
+    ShapesWorld's files in that format, every part at its tiny preset (``+size=tiny``, random
+    weights), CALM's module count cut to what the tiny anchor's 2 blocks allow."""
+    overrides = [*shapesworld_as(cfg.data.source, data_dir, out), "+size=tiny"]
+    if "calm" in cfg.family.get("model", {}):
+        overrides.append("family.model.calm.num_layers=2")
+    return overrides
+
+
 def pretrained_hub_ids(cfg: DictConfig) -> set[str]:
     """Hub ids of every zoo part (and hub tokenizer) the config loads with real weights."""
     found: set[str] = set()

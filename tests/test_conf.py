@@ -330,3 +330,36 @@ def test_launcher_keys_are_checked_by_the_plugin_schema():
     assert "Key 'timeout_mins' not in 'SlurmQueueConf'" in compose_error(
         ["hydra/launcher=slurm", "hydra.launcher.timeout_mins=5"]
     )
+
+
+def test_the_progress_bar_shows_step_loss_lr_and_no_version(tmp_path):
+    """``epoch 0`` (no ``/-2`` for a step-limited run), then step / max_steps, the train loss
+    and the learning rate; Lightning's ``v_num`` is gone; the cloud-logging tip is filtered."""
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from vlm.runtime.progress import RunProgressBar
+
+    class Model(BoringModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)["loss"]
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+    bar = RunProgressBar()
+    trainer = L.Trainer(
+        max_steps=3, max_epochs=-1, callbacks=[bar], default_root_dir=tmp_path,
+        enable_checkpointing=False, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )  # fmt: skip
+    model = Model()
+    trainer.fit(model)
+    shown = bar.get_metrics(trainer, model)
+    assert list(shown)[:2] == ["step", "train/loss"] and shown["step"] == "3/3"
+    assert "v_num" not in shown and float(shown["lr"]) == 0.1
+    assert bar._get_train_description(0).strip() == "epoch 0"
+    tip = logging.LogRecord(
+        "x", logging.INFO, "", 0, "💡 Tip: ... try installing [litlogger] ...", None, None
+    )
+    assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").filter(tip)

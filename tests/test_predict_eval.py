@@ -61,3 +61,25 @@ def test_a_checkpoint_names_its_format_and_only_a_lightning_module_class(trained
         match="'collections.OrderedDict' is not a known VLMLitModule: choose from vlm.core.lit_module.VLMLit",
     ):
         VLMLitModule.from_checkpoint(other)
+
+
+def test_eval_reads_a_benchmark_file_given_on_the_command_line(trained_run, shapesworld, tmp_path):
+    """``data.<key>=`` overrides the stored data config: ShapesWorld's test split read as a plain
+    LLaVA JSON file scores what the stored config scores; with no test file, one line says which key."""
+    out, _ = trained_run
+    root = shapesworld_root(shapesworld)
+    ckpt = f"ckpt={out / 'checkpoints' / 'last.ckpt'}"
+    as_json = [ckpt, "data.source=llava_json", f"data.root={root}", f"data.image_folder={root}"]
+    runs = [
+        cli("vlm-eval", args, tmp_path, timeout=180)
+        for args in ([ckpt], [*as_json, "data.test_json=llava_test.json"])
+    ]
+    stored, benchmark = (dict(re.findall(r"^(test/[\w/]+): ([\d.]+)$", p.stdout, flags=re.M)) for p in runs)
+    assert all(p.returncode == 0 for p in runs), runs[-1].stderr[-3000:]
+    assert "test/acc" in stored and benchmark == stored
+    missing = cli("vlm-eval", [*as_json, "data.train_json=llava_train.json"], tmp_path, timeout=120)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert (
+        missing.stderr.strip().splitlines()[-1]
+        == "vlm-eval: the data has no test split: set data.test_json=<file>"
+    )

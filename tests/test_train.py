@@ -7,10 +7,12 @@ of every optimizer step and a hash of the final weights, per rank.
 """
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
+import kill_resume
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -27,12 +29,13 @@ from runs import (
     final_state,
     load_ckpt,
     metrics_rows,
-    offline_reason,
     per_step,
     pretrained_hub_ids,
     run_train,
+    shapesworld_as,
     shapesworld_root,
     steps,
+    tiny_real_data,
 )
 from train_probes import Preempted, state_sha
 
@@ -47,16 +50,15 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.mark.parametrize("experiment", experiment_names())
 def test_experiment_fast_dev_run(experiment, shapesworld, tmp_path):
-    """Experiments on tiny parts run one train/val/test batch. Experiments that name real
-    checkpoints cannot load them offline: they must compose and stop with the one-line
-    ``CheckpointMissingError`` naming a checkpoint they use (shrinking them to ``size=tiny``
-    would not test them: their layer indices and widths are the real models')."""
+    """Every experiment runs one train, val and test batch. Tiny ones on ShapesWorld: their
+    metrics equal the pinned reference. Ones that read real data files run on the files
+    ShapesWorld wrote in those formats; the real checkpoints they name cannot load offline, so
+    as written they stop in validation with the one-line ``CheckpointMissingError`` naming one
+    they use, and at ``+size=tiny`` (the same classes, small, on the CPU) they run."""
     try:
         cfg = compose_run(fast_dev_run_overrides(experiment, shapesworld), tmp_path)
-        if cfg.data.source != "shapesworld":
-            pytest.skip(offline_reason(cfg))
-        hub_ids = pretrained_hub_ids(cfg)
-        if not hub_ids:
+        if cfg.data.source == "shapesworld":
+            assert not pretrained_hub_ids(cfg), "a ShapesWorld experiment loads hub weights"
             metrics = train(cfg)
             assert torch.isfinite(torch.tensor(metrics["train/loss"]))
             scored = f"test/{cfg.monitor.split('/', 1)[1]}" if cfg.monitor else "test/acc"  # acc, cider
@@ -64,13 +66,24 @@ def test_experiment_fast_dev_run(experiment, shapesworld, tmp_path):
             reference = json.loads(REFERENCE.read_text())["fast_dev_run"][experiment]
             assert metrics == pytest.approx(reference, abs=1e-6)  # same names, same values
             return
+        data = shapesworld_as(cfg.data.source, shapesworld, tmp_path / "data")
+        as_written = compose_run([*fast_dev_run_overrides(experiment, shapesworld), *data], tmp_path)
+        hub_ids = pretrained_hub_ids(as_written)
         with pytest.raises(CheckpointMissingError) as err:
-            train(cfg)
+            train(as_written)
+        tiny = [
+            *tiny_real_data(cfg, shapesworld, tmp_path / "data"),
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+        ]
+        metrics = train(compose_run([*fast_dev_run_overrides(experiment, shapesworld), *tiny], tmp_path))
     finally:
         HydraConfig.instance().cfg = None
     message = str(err.value)
     assert "\n" not in message and err.value.hub_id in message
     assert err.value.hub_id in hub_ids, (err.value.hub_id, hub_ids)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "val/loss" in metrics
+    assert ("test/loss" in metrics) == (cfg.data.source == "coco_captions")  # LLaVA files: no test split
 
 
 # --- a short run learns, and writes everything a run should ----------------------------------------
@@ -184,6 +197,31 @@ def test_resume_with_more_steps_follows_the_longer_schedule(reference_run, shape
     assert_continues(reference_run, longer, from_step=8)
 
 
+def test_last_checkpoint_is_also_written_every_n_steps_and_stale_temp_files_go(shapesworld, tmp_path):
+    """Validation only at step 8, ``last.ckpt`` every 2 steps: killed as step 5 starts, the run
+    has step 4 on disk. Started again in the same folder, it removes the temp file a killed
+    write left (its process is gone) and keeps one whose writer is alive."""
+    base = [
+        *data_overrides(shapesworld),
+        *RESUME,
+        *steps(8, 8),
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+    ]
+    out = tmp_path / "run"
+    preempt = ["+callbacks.preempt._target_=train_probes.Preempt", "+callbacks.preempt.at_step=5"]
+    with pytest.raises(Preempted):
+        run_train([*base, *preempt], out)
+    last = out / "checkpoints" / "last.ckpt"
+    assert load_ckpt(last)["global_step"] == 4
+    stale = out / "checkpoints" / ".last.ckpt.999999999.tmp"  # a write killed mid-way: no such process
+    live = out / "checkpoints" / ".last.ckpt.1.tmp"  # pid 1 is alive: not ours to remove
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
+    run_train([*base, f"ckpt_path={last}"], out)
+    assert not stale.exists() and live.exists()
+    assert load_ckpt(last)["global_step"] == 8
+
+
 # --- multirun --------------------------------------------------------------------------------------
 
 
@@ -241,3 +279,40 @@ def test_missing_image_with_on_bad_sample_raise_names_the_file(shapesworld, tmp_
     assert proc.returncode != 0
     reason = rf"llava_train\.json record \d+ \(id \w+\): missing image: {re.escape(str(victim))}$"
     assert re.search(rf"BadSampleError: \S*{reason}", proc.stderr, flags=re.M), proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "ddp"), [(2, False), (2, True)], ids=["two_workers", "ddp_two_ranks"])
+def test_a_run_killed_three_times_with_sigkill_resumes_to_the_uninterrupted_run(workers, ddp, tmp_path):
+    """``tests/apps/kill_resume.py`` (also ``make prove-resume``): SIGKILL at three random steps
+    of a 24-step run (three epochs), each time resumed from ``last.ckpt``."""
+    result = kill_resume.prove(tmp_path, kills=3, workers=workers, ddp=ddp, seed=0)
+    assert len(result["kill steps"]) == 3 and result["resumed from steps"][0] == 0
+    assert result["global step"] == (24, 24)
+    assert result["weights equal"] and result["optimizer equal"] and result["losses equal"]
+
+
+def test_a_skip_run_over_bad_data_counts_names_and_logs_what_it_skipped(shapesworld, tmp_path, caplog):
+    """Two train images gone, one train record whose reply starts past ``max_length``: the run
+    trains on the rest; the skips are named in WARNINGs (file, record, reason),
+    logged as ``data/skipped_<reason>`` and said in the run summary."""
+    root = shapesworld_root(shapesworld)
+    copy = tmp_path / "data" / root.relative_to(shapesworld)
+    shutil.copytree(root, copy)
+    records = json.loads((copy / "llava_train.json").read_text())
+    for r in records[:2]:
+        (copy / r["image"]).unlink()
+    question = "<image>\n" + " ".join(["what"] * 400)  # its reply starts past max_length
+    records[5]["conversations"] = [{"from": "human", "value": question}, records[5]["conversations"][1]]
+    (copy / "llava_train.json").write_text(json.dumps(records))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        run_train(
+            [*data_overrides(tmp_path / "data"), *steps(8, 8), "logger=csv", "family.max_length=80"], out
+        )
+    logged = {k: float(v) for r in metrics_rows(out) for k, v in r.items() if k.startswith("data/") and v}
+    assert logged == {"data/skipped_missing_image": 2.0, "data/skipped_no_target_tokens_left": 1.0}
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for i, reason in ((0, "missing image"), (1, "missing image"), (5, "no target tokens left")):
+        assert f"skipped {copy / 'llava_train.json'} record {i} (id {records[i]['id']}): {reason}: " in text
+    assert "  skipped      2 missing image, 1 no target tokens left" in text

@@ -14,16 +14,13 @@ import torch
 
 
 def sample_digests(batch: dict) -> list[str]:
-    """One short digest per sample of a train batch (its unpadded tokens and its pixels):
-    train batches carry no ids, and equal digests mean the same sample."""
+    """One short digest per sample of a train batch (its unpadded tokens, and its pixels when
+    every sample has an image): train batches carry no ids, and equal digests mean the same
+    sample."""
     pixels = batch.get("pixel_values")
-    towers = (
-        []
-        if pixels is None
-        else [pixels[k] for k in sorted(pixels)]
-        if isinstance(pixels, dict)
-        else [pixels]
-    )
+    towers = list(pixels.values()) if isinstance(pixels, dict) else [] if pixels is None else [pixels]
+    if any(len(t) != len(batch["input_ids"]) for t in towers):
+        towers = []  # text-only samples in the batch: the tokens alone tell the samples apart
     out = []
     for i, mask in enumerate(batch["attention_mask"].bool()):
         digest = hashlib.sha1(batch["input_ids"][i][mask].numpy().tobytes())
@@ -38,7 +35,7 @@ def state_sha(state: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key, tensor in sorted(state.items()):
         digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -38,7 +38,9 @@ from vlm.cli.common import CONFIG_DIR, quote_numeric_options
 from vlm.core.schema import TrainConf
 from vlm.core.tokenizer import IGNORE_INDEX
 from vlm.core.zoo.registry import LLM_ENTRIES
+from vlm.runtime.errors import said_in_one_line
 from vlm.runtime.trainer import make_trainer
+from vlm.runtime.validate import validate
 
 GIB = 2**30
 
@@ -224,7 +226,9 @@ def print_figures(r: dict[str, Any], console: Console | None = None) -> None:
 def _main(cfg: DictConfig) -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     output_dir = cfg.paths.output_dir
-    result = bench(cfg, output_dir)
+    with said_in_one_line():
+        validate(cfg, data=False)  # a benchmark reads no data files
+        result = bench(cfg, output_dir)
     overrides = list(hydra_cfg.overrides.task)
     result |= {
         "command": " ".join(["vlm-bench", *overrides]),

@@ -18,9 +18,12 @@ from vlm.runtime.validate import check_targets
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = VLMLitModule.from_checkpoint(cfg.ckpt)
-    data_cfg = OmegaConf.merge(module.data_config or {}, cfg.get("data") or {})
+    given = {key: value for key, value in (cfg.get("data") or {}).items() if value is not None}
+    data_cfg = OmegaConf.merge(module.data_config or {}, given)
     check_targets(OmegaConf.create({"data": data_cfg}))
     datamodule = hydra.utils.instantiate(data_cfg)
+    if not datamodule.has_split(cfg.split):
+        raise SystemExit(f"vlm-eval: the data has no {cfg.split} split: set data.{cfg.split}_json=<file>")
     datamodule.prepare_data()
     datamodule.attach(module.processor)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, **cfg.trainer)

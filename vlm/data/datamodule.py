@@ -60,8 +60,8 @@ class VLMDataModule(L.LightningDataModule):
     (0: none); each loader worker keeps its own. ``qtypes``: the question types the records
     carry (``meta.qtype``), which the VQA objective scores one by one (``objective.qtypes``
     reads them from here); an evaluated split with other types says so once. ``val_holdout``:
-    with no ``val_json``, this many train records (seeded) are the validation split instead,
-    and training never sees them.
+    with no ``val_json``, this many train records (seeded; at most a tenth of them) are the
+    validation split instead, and training never sees them.
     """
 
     def __init__(
@@ -161,7 +161,7 @@ class VLMDataModule(L.LightningDataModule):
         hp = self.hparams
         if split in ("train", "val") and self.held_out():
             train = self._read("train")
-            n = min(hp.val_holdout, len(train) - 1)
+            n = min(hp.val_holdout, max(1, len(train) // 10))  # a small file still trains
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
             self.datasets["val"] = train.subset(sorted(order[:n]))
             self.datasets["train"] = train.subset(sorted(order[n:]))

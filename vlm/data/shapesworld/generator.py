@@ -12,14 +12,22 @@ import fcntl
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .questions import DEFAULT_QTYPES, QTYPES, ask, ask_many, captions, pair_caption, side
 from .scene import COLORS, SHAPES, render, sample_scene
-from .writers import ImageEntry, atomic_write_bytes, atomic_write_json, coco_captions, instances_and_refs, karpathy, png_bytes
+from .writers import (
+    ImageEntry,
+    atomic_write_bytes,
+    atomic_write_json,
+    coco_captions,
+    instances_and_refs,
+    karpathy,
+    png_bytes,
+)
 
 VERSION = 2  # 2: a conversation asks nothing its earlier turns answer
 SPLITS = ("train", "val", "test")
@@ -64,14 +72,21 @@ class ShapesWorldConfig:
         unknown += [q for q in (*self.qtypes, *self.pretrain_qtypes) if q not in QTYPES]
         if unknown:
             raise ValueError(
-                f"unknown colours/shapes/question types {unknown}; known: {list(COLORS)}, {list(SHAPES)} and {list(QTYPES)}"
+                f"unknown colours/shapes/question types {unknown}; "
+                f"known: {list(COLORS)}, {list(SHAPES)} and {list(QTYPES)}"
             )
         if not_asked := [q for q in self.train_turns if q not in self.qtypes]:
-            raise ValueError(f"train_turns names types that are not asked: {not_asked} (qtypes: {list(self.qtypes)})")
+            raise ValueError(
+                f"train_turns names types that are not asked: {not_asked} (qtypes: {list(self.qtypes)})"
+            )
         if self.pretrain_pair_order not in PAIR_ORDERS:
-            raise ValueError(f"pretrain_pair_order={self.pretrain_pair_order!r}: choose from {', '.join(PAIR_ORDERS)}")
+            raise ValueError(
+                f"pretrain_pair_order={self.pretrain_pair_order!r}: choose from {', '.join(PAIR_ORDERS)}"
+            )
         if not 1 <= self.min_shapes <= self.max_shapes <= 6:
-            raise ValueError(f"need 1 <= min_shapes <= max_shapes <= 6, got {self.min_shapes}, {self.max_shapes}")
+            raise ValueError(
+                f"need 1 <= min_shapes <= max_shapes <= 6, got {self.min_shapes}, {self.max_shapes}"
+            )
 
     def identity(self) -> dict:
         """The config as stored in the manifest (JSON types, no root)."""
@@ -91,10 +106,17 @@ def _records(cfg: ShapesWorldConfig, e: ImageEntry, rng: random.Random) -> list[
     """LLaVA records for one image (see ShapesWorldConfig for the per-split layout)."""
     image, colors, shapes = f"images/{e.file_name}", list(cfg.colors), list(cfg.shapes)
     if e.split != "train":
-        qas = [(qt, *qa) for qt in cfg.qtypes if (qa := ask(qt, e.scene, rng, colors, shapes, cfg.image_size))]
-        return [{"id": f"{e.id}_{qt}", "image": image, "conversations": _turns([(qt, q, a)]), "qtype": qt} for qt, q, a in qas]
+        qas = [
+            (qt, *qa) for qt in cfg.qtypes if (qa := ask(qt, e.scene, rng, colors, shapes, cfg.image_size))
+        ]
+        return [
+            {"id": f"{e.id}_{qt}", "image": image, "conversations": _turns([(qt, q, a)]), "qtype": qt}
+            for qt, q, a in qas
+        ]
     qtypes = [qt for qt in cfg.qtypes for _ in range(cfg.train_turns.get(qt, 1))]
-    qas = ask_many(e.scene, rng, qtypes, cfg.questions_per_image, colors, shapes, cfg.image_size, cfg.multi_turn)
+    qas = ask_many(
+        e.scene, rng, qtypes, cfg.questions_per_image, colors, shapes, cfg.image_size, cfg.multi_turn
+    )
     groups = [qas] if cfg.multi_turn else [[qa] for qa in qas]
     return [
         {
@@ -128,9 +150,18 @@ def _split(
     top = max_shapes or cfg.max_shapes
     for i in range(n):
         rng = random.Random(f"shapesworld:{cfg.seed}:{split}:{i}")
-        scene = sample_scene(rng, cfg.image_size, list(cfg.colors), list(cfg.shapes), min(cfg.min_shapes, top), top)
-        e = ImageEntry(f"{split}_{i:06d}", (SPLITS + ("pretrain",)).index(split) * 10**7 + i, split, "",
-                       cfg.image_size, scene, [])
+        scene = sample_scene(
+            rng, cfg.image_size, list(cfg.colors), list(cfg.shapes), min(cfg.min_shapes, top), top
+        )
+        e = ImageEntry(
+            f"{split}_{i:06d}",
+            (SPLITS + ("pretrain",)).index(split) * 10**7 + i,
+            split,
+            "",
+            cfg.image_size,
+            scene,
+            [],
+        )
         e.file_name = f"{split}/{e.id}.png"
         e.captions = captions(scene, rng)
         atomic_write_bytes(root / "images" / e.file_name, png_bytes(render(scene, cfg.image_size)))
@@ -164,14 +195,28 @@ def _write_pretrain(cfg: ShapesWorldConfig, root: Path, train: list[ImageEntry])
         if cfg.pretrain_caption_side and len(e.scene) == 1:
             text += f" on the {side(e.scene[0], cfg.image_size)}"
         if cfg.pretrain_pair_order == "random" and len(e.scene) == 2:
-            text = pair_caption(*random.Random(f"shapesworld:{cfg.seed}:pair_order:{e.id}").sample(e.scene, 2))
-        pretrain.append({"id": e.id, "image": f"images/{e.file_name}", "qtype": "caption",
-                         "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": text}]})
+            text = pair_caption(
+                *random.Random(f"shapesworld:{cfg.seed}:pair_order:{e.id}").sample(e.scene, 2)
+            )
+        pretrain.append(
+            {
+                "id": e.id,
+                "image": f"images/{e.file_name}",
+                "qtype": "caption",
+                "conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": text}],
+            }
+        )
         rng = random.Random(f"shapesworld:{cfg.seed}:pretrain_questions:{e.id}")
         for qt in cfg.pretrain_qtypes:
             if qa := ask(qt, e.scene, rng, list(cfg.colors), list(cfg.shapes), cfg.image_size):
-                pretrain.append({"id": f"{e.id}_{qt}", "image": f"images/{e.file_name}", "qtype": qt,
-                                 "conversations": _turns([(qt, *qa)])})
+                pretrain.append(
+                    {
+                        "id": f"{e.id}_{qt}",
+                        "image": f"images/{e.file_name}",
+                        "qtype": qt,
+                        "conversations": _turns([(qt, *qa)]),
+                    }
+                )
     atomic_write_json(root / "llava_pretrain.json", pretrain)
 
 
@@ -200,7 +245,11 @@ def generate(cfg: ShapesWorldConfig) -> Path:
             atomic_write_json(root / f"llava_{split}.json", records)
             atomic_write_json(root / "annotations" / f"captions_{split}.json", coco_captions(entries))
             qts = Counter(qt for r in records for qt in r.get("qtypes", [r["qtype"]]))
-            counts[split] = {"images": len(entries), "records": len(records), "questions": dict(sorted(qts.items()))}
+            counts[split] = {
+                "images": len(entries),
+                "records": len(records),
+                "questions": dict(sorted(qts.items())),
+            }
             if split == "train":
                 _write_pretrain(cfg, root, entries)
         atomic_write_json(root / "dataset_coco.json", karpathy(all_entries))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from .scene import Shape
 
@@ -66,7 +66,11 @@ def captions(scene: list[Shape], rng: random.Random) -> list[str]:
     noun = "shape" if n == 1 else "shapes"
     listed = [f"a {name(s)}" for s in scene]
     rng.shuffle(listed)
-    return [caption(scene), f"{NUMBER_WORDS[n]} {noun}: {_join(listed)}", f"{NUMBER_WORDS[n]} {noun} on a plain background"]
+    return [
+        caption(scene),
+        f"{NUMBER_WORDS[n]} {noun}: {_join(listed)}",
+        f"{NUMBER_WORDS[n]} {noun} on a plain background",
+    ]
 
 
 def _unique(scene: list[Shape], key: Callable[[Shape], object]) -> list[Shape]:

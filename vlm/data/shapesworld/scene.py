@@ -54,21 +54,24 @@ class Shape:
         step = 2 * math.pi / sides
         a0 = math.radians(start)
         return [
-            (round(self.cx + self.r * math.cos(a0 + k * step), 2), round(self.cy + self.r * math.sin(a0 + k * step), 2))
+            (
+                round(self.cx + self.r * math.cos(a0 + k * step), 2),
+                round(self.cy + self.r * math.sin(a0 + k * step), 2),
+            )
             for k in range(sides)
         ]
 
     @cached_property
     def bbox(self) -> list[float]:
         """COCO [x, y, w, h] of the polygon."""
-        xs, ys = zip(*self.polygon)
+        xs, ys = zip(*self.polygon, strict=True)  # (x, y) pairs
         return [min(xs), min(ys), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)]
 
     @cached_property
     def area(self) -> float:
         """Shoelace area of the polygon."""
         p = self.polygon
-        s = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(p, p[1:] + p[:1]))
+        s = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(p, p[1:] + p[:1], strict=True))
         return round(abs(s) / 2, 2)
 
     @cached_property
@@ -94,7 +97,9 @@ def sample_scene(
             r = rng.uniform(r_lo, r_hi)
             cx, cy = rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1)
             if all(math.hypot(cx - s.cx, cy - s.cy) > r + s.r + gap for s in placed):
-                placed.append(Shape(rng.choice(colors), rng.choice(shapes), round(cx, 2), round(cy, 2), round(r, 2)))
+                placed.append(
+                    Shape(rng.choice(colors), rng.choice(shapes), round(cx, 2), round(cy, 2), round(r, 2))
+                )
                 break
         else:  # crowded: start over (rare with <= 4 shapes)
             placed = []

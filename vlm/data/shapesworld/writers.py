@@ -114,7 +114,10 @@ def instances_and_refs(entries: list[ImageEntry], shapes: list[str]) -> tuple[di
             exprs = referring_expressions(s, e.scene)
             if not exprs:
                 continue
-            sents = [{"sent": x, "raw": x, "tokens": tokens(x), "sent_id": sent_id + j} for j, x in enumerate(exprs)]
+            sents = [
+                {"sent": x, "raw": x, "tokens": tokens(x), "sent_id": sent_id + j}
+                for j, x in enumerate(exprs)
+            ]
             sent_id += len(sents)
             refs.append(
                 {
