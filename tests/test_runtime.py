@@ -176,6 +176,18 @@ def test_optimizer_on_cpu_is_not_fused_and_accepts_param_groups():
     assert not opt.param_groups[0]["fused"]
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_a_fused_optimizer_clips_under_bf16_mixed_precision(algorithm, shapesworld, tmp_path):
+    """A fused AdamW (CUDA's default) with bf16-mixed and gradient clipping: Lightning's plugin
+    refuses to clip for it; the module clips itself, since bf16 has no scaler to undo."""
+    from runs import data_overrides, run_train, steps
+
+    overrides = [*data_overrides(shapesworld), *steps(2, 2), "logger=csv", "test=false"]
+    overrides += ["trainer.precision=bf16-mixed", "optimizer.fused=true", "trainer.gradient_clip_val=0.5"]
+    metrics = run_train([*overrides, f"trainer.gradient_clip_algorithm={algorithm}"], tmp_path)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 @pytest.mark.gpu
 def test_optimizer_on_cuda_is_fused_unless_set():
     params = [torch.nn.Parameter(torch.zeros(2, device="cuda"))]

@@ -10,7 +10,7 @@ are the runtime's. A family subclasses this only for training behaviour of its o
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import hydra
@@ -188,12 +188,31 @@ class VLMLitModule(Known, L.LightningModule):
         """The optimizer and scheduler configs are Hydra partials; the schedule length comes
         from the trainer."""
         hp = self.hparams
+        optimizer = hydra.utils.instantiate(hp.optimizer)
+        if self._gradient_scaler() is not None and self.trainer.gradient_clip_val:
+            optimizer = partial(optimizer, fused=False)  # fp16: Lightning unscales, then clips
         return configure_optimizers(
-            hydra.utils.instantiate(hp.optimizer),
+            optimizer,
             hydra.utils.instantiate(hp.scheduler) if hp.scheduler else None,
             decay_groups(p for p in self.parameters() if p.requires_grad),
             self.trainer.estimated_stepping_batches,
         )
+
+    def _gradient_scaler(self):
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (CUDA's
+        default here), assuming the optimizer unscales fp16 gradients itself. Without a
+        gradient scaler (bf16, fp32) the gradients are the true ones, so they are clipped here;
+        with one (fp16) the optimizer is built unfused and Lightning unscales, then clips."""
+        if not gradient_clip_val or self._gradient_scaler() is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     # -- self-contained checkpoints ----------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
