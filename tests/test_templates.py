@@ -49,7 +49,7 @@ def labelled_spans(labels):
     return spans
 
 
-@pytest.mark.parametrize("kind", ["auto", "vicuna_v1", "llama3_style"])
+@pytest.mark.parametrize("kind", ["auto", "vicuna_v1", "raw", "llama3_style"])
 def test_labels_cover_exactly_the_replies_and_their_end_token(tokenizer, kind):
     if kind == "llama3_style":
         template = ChatTemplate(tokenizer, LLAMA3_STYLE)
@@ -84,9 +84,20 @@ def test_plain_template_targets_only_the_caption(tokenizer):
     assert int(ids[0]) == tokenizer.bos_token_id and int(ids[1]) == proc.image_token_id
 
 
-def test_generation_prompt_matches_training_prefix(tokenizer):
+def test_raw_template_keeps_the_question_and_has_no_roles(tokenizer):
+    """``raw`` (``template=plain`` of the dense_connector family): unlike LLaVA's ``plain``
+    the question reaches the model, as text, with no role words."""
+    proc = make_processor(tokenizer, build_template("raw", tokenizer))
+    item = proc.encode({"image": Image.new("RGB", (8, 8)), "conversations": CONV})
+    text = tokenizer.decode(item["input_ids"])
+    assert "color is the circle" in text.replace("  ", " ") and "many shapes" in text
+    assert "USER" not in text and "ASSISTANT" not in text
+
+
+@pytest.mark.parametrize("kind", ["auto", "raw"])
+def test_generation_prompt_matches_training_prefix(tokenizer, kind):
     """The prompt at inference is token-for-token the prefix the model saw in training."""
-    proc = make_processor(tokenizer, build_template("auto", tokenizer))
+    proc = make_processor(tokenizer, build_template(kind, tokenizer))
     sample = {"image": Image.new("RGB", (8, 8)), "conversations": CONV[:2]}
     train = proc.encode(sample)
     gen = proc.encode_prompt(sample)

@@ -34,7 +34,7 @@ from vlm.bench.device import device_name, peak_tflops
 from vlm.bench.meter import GenerationMeter, StepMeter
 from vlm.bench.synthetic import corpus, synthetic_batches
 from vlm.cli.build import build_module, build_tokenizer
-from vlm.cli.common import CONFIG_DIR, quote_numeric_options
+from vlm.cli.common import CONFIG_DIR, quote_numeric_options, unknown_option
 from vlm.core.schema import TrainConf
 from vlm.core.tokenizer import IGNORE_INDEX
 from vlm.core.zoo.registry import LLM_ENTRIES
@@ -244,6 +244,8 @@ def _main(cfg: DictConfig) -> dict[str, Any]:
 
 def main() -> None:
     """``vlm-bench``: Hydra's command line, with number-named options (``layers=18``) quoted."""
+    if wrong := unknown_option(sys.argv):
+        sys.exit(f"vlm-bench: {wrong}")
     sys.argv = quote_numeric_options(sys.argv)
     _main()
 

@@ -36,6 +36,27 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
 
 
+def unknown_option(argv: list[str], config_dir: str = CONFIG_DIR) -> str | None:
+    """The first ``group=option`` of the command line with no ``conf/<group>/<option>.yaml``, said
+    in one line with the choices (Hydra's own message also prints its whole search path).
+    Hydra's groups (``hydra/...``, options from plugins) and sweep functions pass unchecked."""
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        group = Path(config_dir) / key
+        if not sep or key.startswith("hydra") or not group.is_dir() or any(c in value for c in "($"):
+            continue
+        for item in (v.strip("'\"") for v in value.split(",")):
+            if item not in ("", "null") and not (group / f"{item}.yaml").exists():
+                options = sorted(
+                    p.relative_to(group).with_suffix("").as_posix()
+                    for p in group.rglob("*.yaml")
+                    if not p.name.startswith("_")
+                )
+                return f"{key}={item}: no such option in conf/{key}; choose from {', '.join(options)}"
+    return None
+
+
 def quote_numeric_options(argv: list[str], config_dir: str = CONFIG_DIR) -> list[str]:
     """``layers=18`` as Hydra needs it, ``layers='18'``: an option named by a number (the
     paper's layer set ``18``) would parse as an int, which a config-group override rejects.

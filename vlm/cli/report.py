@@ -1,9 +1,10 @@
 """``vlm-report DIR``: a Hydra multirun folder -> the seed-style results table.
 
-One row per job (swept overrides, the metric and its per-question-type breakdown
-``<metric>_<qtype>``), written as markdown + CSV; with ``--rows``/``--cols`` naming two keys,
-also a pivot table and a heatmap. A job without the metric is a ``failed`` row, never dropped,
-so a broken cell of an ablation is visible in the table that reports it.
+One row per job (swept overrides, or the ``--keys`` given, the metric and its
+per-question-type breakdown ``<metric>_<qtype>``, then any ``--extra`` metrics), written as
+markdown + CSV; with ``--rows``/``--cols`` naming two keys, also a pivot table and a heatmap.
+A job without the metric is a ``failed`` row, never dropped, so a broken cell of an ablation
+is visible in the table that reports it.
 """
 
 from __future__ import annotations
@@ -47,16 +48,33 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def results_table(root: Path, jobs: list[Job], keys: list[str], metric: str, best: bool, mode: str) -> Table:
-    extra = breakdown_columns(jobs, metric)
-    header = ["job", *keys, metric, *extra, "step", "status"]
+def extra_value(job: Job, spec: str) -> str:
+    """``--extra`` cell: ``name`` is the metric's last logged value, ``name:min``/``name:max``
+    its best (``val/loss:min`` after early stopping: the loss of the epoch it kept)."""
+    name, _, how = spec.partition(":")
+    row = pick_row(job.metrics, name, bool(how), how or "max")
+    return _fmt(_float(row[name])) if row else ""
+
+
+def results_table(
+    root: Path, jobs: list[Job], keys: list[str], metric: str, best: bool, mode: str, extra: list[str] = ()
+) -> Table:
+    qtypes = breakdown_columns(jobs, metric)
+    header = ["job", *keys, metric, *qtypes, *extra, "step", "status"]
     rows = []
     for job in jobs:
         row = pick_row(job.metrics, metric, best, mode)
-        values = [_fmt(_float(row.get(c))) if row else "" for c in (metric, *extra)]
+        values = [_fmt(_float(row.get(c))) if row else "" for c in (metric, *qtypes)]
         step = row.get("step", "") if row else ""
         rows.append(
-            [job.name(root), *(job.value(k) or "" for k in keys), *values, step, "ok" if row else "failed"]
+            [
+                job.name(root),
+                *(job.value(k) or "" for k in keys),
+                *values,
+                *(extra_value(job, spec) for spec in extra),
+                step,
+                "ok" if row else "failed",
+            ]
         )
     return header, rows
 
@@ -148,18 +166,23 @@ def report(
     rows: str | None = None,
     cols: str | None = None,
     out: Path | None = None,
+    keys: list[str] | None = None,
+    extra: list[str] = (),
 ) -> str:
-    """Write the tables (and heatmap) for the multirun at ``root``; returns the markdown."""
+    """Write the tables (and heatmap) for the multirun at ``root``; returns the markdown.
+    ``keys``: the row's columns instead of the swept overrides, and the rows sorted by them."""
     jobs = read_multirun(root)
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
-    keys = swept_keys(jobs)
+    if keys:
+        jobs = sorted(jobs, key=lambda j: [j.value(k) or "" for k in keys])
+    keys = list(keys) if keys else swept_keys(jobs)
     for key in (rows, cols):
         if key and key not in keys:
             keys.append(key)
     slug = metric.replace("/", "-")
     how = f"best, {mode}" if best else "final"
-    table = results_table(root, jobs, keys, metric, best, mode)
+    table = results_table(root, jobs, keys, metric, best, mode, list(extra))
     fixed = sorted({f"{k}={v}" for j in jobs for k, v in j.overrides.items() if k not in keys})
     text = f"## {root.name}: {metric} ({how})\n\n"
     text += f"fixed overrides: {' '.join(fixed)}\n\n" if fixed else ""
@@ -185,11 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", help="swept key for the pivot's rows (with --cols)")
     parser.add_argument("--cols", help="swept key for the pivot's columns (with --rows)")
     parser.add_argument("--out", type=Path, help="output folder (default: the multirun folder)")
+    parser.add_argument("--keys", nargs="+", help="config keys as the row's columns, rows sorted by them")
+    parser.add_argument(
+        "--extra", nargs="+", default=[], help="more metric columns: NAME (last value) or NAME:min|max (best)"
+    )
     args = parser.parse_args(argv)
     if bool(args.rows) != bool(args.cols):
         parser.error("--rows and --cols go together")
     try:
-        text = report(args.dir, args.metric, args.best, args.mode, args.rows, args.cols, args.out)
+        text = report(
+            args.dir, args.metric, args.best, args.mode, args.rows, args.cols, args.out, args.keys, args.extra
+        )
     except FileNotFoundError as err:
         parser.error(str(err))
     print(text, end="")

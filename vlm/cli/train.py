@@ -15,7 +15,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.cli.build import build_module, build_tokenizer
-from vlm.cli.common import CONFIG_DIR, quote_numeric_options
+from vlm.cli.common import CONFIG_DIR, quote_numeric_options, unknown_option
 from vlm.runtime.config_io import print_config_tree, save_resolved_config
 from vlm.runtime.errors import said_in_one_line
 from vlm.runtime.report import best_checkpoint, summary
@@ -71,6 +71,8 @@ def _main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """``vlm-train``: Hydra's own command line, with number-named options quoted for it."""
+    if wrong := unknown_option(sys.argv):
+        sys.exit(f"vlm-train: {wrong}")
     sys.argv = quote_numeric_options(sys.argv)
     _main()
 

@@ -57,6 +57,30 @@ class PlainTemplate:
         return out
 
 
+class RawTemplate:
+    """No chat template: each question as written, a newline, then its answer and EOS; no roles.
+
+    The dense_connector seed's "raw instruction-response pairs". Unlike ``plain`` the question
+    text stays, so a VQA model can still read what it is asked.
+    """
+
+    name = "raw"
+    reads_question = True
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.bos = tokenizer.bos_token or ""
+        self.eos = tokenizer.eos_token
+
+    def segments(self, turns: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
+        out = [Segment(self.bos, False)] if self.bos else []
+        for t in turns:
+            if ROLES[t["from"]] == "user":
+                out.append(Segment(t["value"] + "\n", False))
+            else:
+                out.append(Segment(t["value"] + self.eos, True))
+        return out
+
+
 class ChatTemplate:
     """The tokenizer's own Jinja chat template, split into segments by incremental rendering.
 
@@ -137,11 +161,13 @@ VICUNA_SYSTEM = (
 
 
 def build_template(name: str, tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> Template:
-    """``plain`` (pretrain), ``chat`` (the tokenizer's own template), ``vicuna_v1`` (LLaVA-1.5's
-    conversation format, for base LLMs without a template), ``auto`` (chat if the tokenizer
-    has a template, else vicuna_v1)."""
+    """``plain`` (pretrain), ``raw`` (question and answer as text, no roles), ``chat`` (the
+    tokenizer's own template), ``vicuna_v1`` (LLaVA-1.5's conversation format, for base LLMs
+    without a template), ``auto`` (chat if the tokenizer has a template, else vicuna_v1)."""
     if name == "plain":
         return PlainTemplate(tokenizer)
+    if name == "raw":
+        return RawTemplate(tokenizer)
     if name == "auto":
         name = "chat" if tokenizer.chat_template else "vicuna_v1"
     if name == "chat":
@@ -149,4 +175,4 @@ def build_template(name: str, tokenizer: PreTrainedTokenizerBase, system: str | 
     if name == "vicuna_v1":
         sys = VICUNA_SYSTEM if system is None else system
         return ChatTemplate(tokenizer, VICUNA_V1, {"system": sys})
-    raise ValueError(f"unknown template '{name}': choose plain, chat, vicuna_v1 or auto")
+    raise ValueError(f"unknown template '{name}': choose plain, raw, chat, vicuna_v1 or auto")

@@ -43,8 +43,10 @@ class VisionEntry:
 
 @dataclass(frozen=True)
 class LLMEntry:
-    """A causal LM; ``hub_id`` is also its tokenizer's id. ``has_chat_template``: the hub
-    tokenizer ships one (tiny entries use the in-process tokenizer's own template)."""
+    """A causal LM. Its tokenizer is ``tokenizer_hub_id``, else ``hub_id``'s own: a base model
+    can take its instruct sibling's tokenizer (same vocabulary) for the chat template.
+    ``has_chat_template``: that tokenizer ships one (tiny entries use the in-process
+    tokenizer's own template)."""
 
     model_type: str  # HF model_type, for AutoConfig.for_model
     arch: Mapping[str, Any]
@@ -52,10 +54,11 @@ class LLMEntry:
     has_chat_template: bool = False
     tiny: Mapping[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"
+    tokenizer_hub_id: str | None = None
 
     @property
     def tokenizer_id(self) -> str | None:
-        return self.hub_id
+        return self.tokenizer_hub_id or self.hub_id
 
 
 # Tiny shapes: width 64, 2 blocks, 64 px, patch 16 -> a 4x4 grid. SigLIP shares CLIP's keys.
@@ -157,6 +160,11 @@ _LLAMA3_ROPE = dict(
     high_freq_factor=4.0, original_max_position_embeddings=8192,
 )  # fmt: skip
 _QWEN_ROPE = dict(rope_type="default", rope_theta=1000000.0)
+_LLAMA32_1B = _llama(
+    2048, 16, 32, 8, 8192, 128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+    head_dim=64, tie_word_embeddings=True, rope_parameters=_LLAMA3_ROPE,
+    bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+)  # fmt: skip
 
 LLM_ENTRIES: dict[str, LLMEntry] = {
     "tiny_llama": LLMEntry("llama", TINY_LLAMA),
@@ -176,14 +184,14 @@ LLM_ENTRIES: dict[str, LLMEntry] = {
         "llama", _llama(2560, 32, 32, 32, 6912, max_position_embeddings=2048, rms_norm_eps=1e-6),
         "mtgv/MobileLLaMA-2.7B-Chat", False, TINY_LLAMA,
     ),
+    # Llama-3.2-1B base: its own hub tokenizer has no chat template, the Instruct one (same
+    # vocabulary) has, so tokenizer.name=auto takes that one.
     "llama3.2_1b": LLMEntry(
-        "llama",
-        _llama(
-            2048, 16, 32, 8, 8192, 128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-            head_dim=64, tie_word_embeddings=True, rope_parameters=_LLAMA3_ROPE,
-            bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
-        ),
-        "meta-llama/Llama-3.2-1B-Instruct", True, TINY_LLAMA,
+        "llama", _LLAMA32_1B, "meta-llama/Llama-3.2-1B", True, TINY_LLAMA,
+        tokenizer_hub_id="meta-llama/Llama-3.2-1B-Instruct",
+    ),
+    "llama3.2_1b_instruct": LLMEntry(
+        "llama", _LLAMA32_1B, "meta-llama/Llama-3.2-1B-Instruct", True, TINY_LLAMA
     ),
     "qwen2_0.5b": LLMEntry(
         "qwen2",

@@ -14,21 +14,11 @@ With ``reference: null`` the indices are the encoder's own blocks, unmapped.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from vlm.core.depth import map_block, mapped_end
+
 Group = tuple[int, ...]  # encoder blocks, 1-based; one block or a contiguous range
-
-
-def _mapped_end(i: int, depth: int, reference: int) -> int:
-    """``⌊i·N/ref + ½⌋``: where position ``i`` of a ``reference``-deep encoder falls in a
-    ``depth``-deep one (0 stays 0, so interval bounds map too)."""
-    return math.floor(i * depth / reference + 0.5)
-
-
-def map_block(i: int, depth: int, reference: int) -> int:
-    """Block ``i`` of a ``reference``-deep encoder, in proportion, for a ``depth``-deep one."""
-    return min(depth, max(1, _mapped_end(i, depth, reference)))
 
 
 @dataclass(frozen=True)
@@ -70,8 +60,8 @@ def resolve(name: str, blocks: list, depth: int, reference: int | None, encoder:
             if first == last:
                 first = last = map_block(first, depth, reference)
             else:
-                first = max(1, _mapped_end(first - 1, depth, reference) + 1)
-                last = max(first, _mapped_end(last, depth, reference))
+                first = max(1, mapped_end(first - 1, depth, reference) + 1)
+                last = max(first, mapped_end(last, depth, reference))
         groups.append(tuple(range(first, last + 1)))
     return LayerSet(name, tuple(groups))
 
