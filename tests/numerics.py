@@ -19,6 +19,8 @@ STAGE1_STEPS = 50
 TINY_EXPERIMENTS = (
     "calm_shapes",
     "calm_shapes_clip_only",
+    "dense_shapes",
+    "dense_shapes_stage2",
     "llava_shapes",
     "llava_shapes_stage1",
     "llava_shapes_stage1b",

@@ -48,7 +48,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 # --- every experiment ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("experiment", experiment_names())
+# qformer_coco runs the captioner of qformer_shapes on COCO-format files: the slow suite's.
+FDR_CASES = [
+    pytest.param(e, marks=pytest.mark.slow) if e == "qformer_coco" else e for e in experiment_names()
+]
+
+
+@pytest.mark.parametrize("experiment", FDR_CASES)
 def test_experiment_fast_dev_run(experiment, shapesworld, tmp_path):
     """Every experiment runs one train, val and test batch. Tiny ones on ShapesWorld: their
     metrics equal the pinned reference. Ones that read real data files run on the files
@@ -225,6 +231,7 @@ def test_last_checkpoint_is_also_written_every_n_steps_and_stale_temp_files_go(s
 # --- multirun --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the dense_connector matrix test runs a multirun in make test
 def test_multirun_of_two_seeds_writes_two_complete_jobs(shapesworld, tmp_path):
     args = ["-m", "seed=1,2", *cli_train_args(shapesworld, tmp_path / "logs"), *steps(4, 4)]
     proc = cli("vlm-train", args, tmp_path, timeout=240)

@@ -3,6 +3,7 @@ checkpoints can name them (``vlm.core.classes``): ``llava`` is the core model it
 
 import vlm.core.llava  # noqa: F401  (family=llava)
 import vlm.families.calm.model  # noqa: F401
+import vlm.families.dense_connector.model  # noqa: F401
 import vlm.families.layer_fusion.model  # noqa: F401
 import vlm.families.qformer_captioner.model  # noqa: F401
 import vlm.families.qformer_captioner.module  # noqa: F401

@@ -1,0 +1,56 @@
+"""The LLaVA core with a connector that may read several tower layers: TinyCLIP-ViT-40M ->
+connector -> Llama-3.2-1B in the seed study, any tower and LLM of the zoo here.
+
+With a one-layer connector (``linear``, ``mlp2x_gelu``, the seed's ``mlp4x_gelu``) this is
+plain LLaVA; with a :class:`DenseConnector` one tower pass yields every state it reads.
+Recipe parts are LLaVA's: stage 1 trains ``connector``, stage 2 adds ``llm``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import Tensor
+
+from vlm.core.builder import build_parts
+from vlm.core.llava import LlavaModel
+from vlm.families.dense_connector.connectors import DenseConnector
+
+
+def reads_layers(make_connector: Any) -> bool:
+    """Whether a ``_partial_`` connector config builds a :class:`DenseConnector`."""
+    func = getattr(make_connector, "func", None)
+    return isinstance(func, type) and issubclass(func, DenseConnector)
+
+
+class DenseConnectorModel(LlavaModel):
+    @classmethod
+    def from_config(
+        cls,
+        tokenizer: Any,
+        vision_tower: dict,
+        llm: dict,
+        connector: dict,
+        select_layer: int = -2,
+        select_feature: str = "patch",
+    ) -> DenseConnectorModel:
+        """A dense connector is completed with the tower's depth, which fixes the states it reads."""
+        p = build_parts(tokenizer, vision_tower, llm, connector, select_layer, select_feature)
+        if reads_layers(p.make_connector):
+            p.make_connector = functools.partial(p.make_connector, tower_depth=p.tower.depth)
+        return cls(p.tower, p.connector(), p.llm, p.image_token_id, p.select_index, p.select_feature)
+
+    @property
+    def dense(self) -> bool:
+        return isinstance(self.connector, DenseConnector)
+
+    @property
+    def deepest_state(self) -> int:
+        return max(self.select_index, self.connector.deepest) if self.dense else self.select_index
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        if not self.dense:
+            return super().encode_images(pixel_values)
+        states = [self.select(h) for h in self.tower_states(pixel_values, self.deepest_state)]
+        return self.connector(states[self.select_index], states)
