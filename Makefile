@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vlm-setup.stamp
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
 
-.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer test test-full prove-resume lint bench clean
+.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer sweep-dense bench-gpu-dense test test-full prove-resume lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -65,6 +65,29 @@ sweep-qformer: setup ## Q-Former captioner unfreezing x queries x conditioning o
 	$(BIN)/vlm-report $(SWEEP_QFORMER) --metric test/bleu4 --rows unfreeze --cols conditioning
 	$(BIN)/vlm-report $(SWEEP_QFORMER) --metric test/cider --rows unfreeze --cols conditioning
 
+# The dense_connector seed's matrix on ShapesWorld: curate its two subsets (vlm-curate), the 19
+# stage-1 rows (rows 14-19 once with mlp4x_gelu and once with DCI in 4 groups), the 6 stage-2
+# rows from their stage-1 checkpoints, then both tables: test accuracy per question type and
+# the best val/loss, per row. ARGS apply to every training run.
+SWEEP_DENSE := logs/sweep_dense/$(shell date +%Y-%m-%d_%H-%M-%S)
+DENSE_ROWS := dense_matrix=row14,row15,row16,row17,row18,row19 connector=mlp4x_gelu,dense_dci4 \
+	logger.wandb.project=multimodal-llama-dense-connector
+DENSE_KEYS := --metric test/acc --extra val/loss:min --keys dense_matrix data.train_json connector \
+	template scheduler trainer.max_epochs data.batch_size
+sweep-dense: setup ## Dense connector: curation, the seed's 19 + 6 runs on ShapesWorld, and the matrix
+	$(BIN)/vlm-curate
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name dense_connector_matrix \
+		hydra.sweep.dir=$(SWEEP_DENSE)/stage1 $(ARGS)
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name dense_connector_matrix $(DENSE_ROWS) \
+		hydra.sweep.dir=$(SWEEP_DENSE)/stage1 $(ARGS)
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name dense_connector_stage2 \
+		hydra.sweep.dir=$(SWEEP_DENSE)/stage2 $(ARGS)
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name dense_connector_stage2 \
+		dense_matrix=row16,row19 connector=mlp4x_gelu,dense_dci4 \
+		logger.wandb.project=multimodal-llama-dense-connector hydra.sweep.dir=$(SWEEP_DENSE)/stage2 $(ARGS)
+	$(BIN)/vlm-report $(SWEEP_DENSE)/stage1 $(DENSE_KEYS)
+	$(BIN)/vlm-report $(SWEEP_DENSE)/stage2 $(DENSE_KEYS)
+
 test: export HF_HUB_OFFLINE := 1
 test: setup ## Run the fast tests (not slow, not gpu)
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
@@ -83,6 +106,9 @@ lint: setup ## ruff check + ruff format --check
 
 bench: setup ## Benchmark the default configuration (ARGS='...')
 	$(BIN)/vlm-bench $(ARGS)
+
+bench-gpu-dense: setup ## On a GPU: the GPU tests and the dense_connector card's real-size benchmarks
+	PY=$(BIN)/python bash experiments/dense_connector/bench_gpu.sh
 
 clean: ## Remove logs, outputs and caches (keeps data/ and the venv)
 	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache build dist *.egg-info
