@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.core.builder import build_parts, select_index
+from vlm.core.builder import LlavaParts, build_parts, select_index
 from vlm.core.model import VLMModel
 from vlm.core.processor import image_transform
 from vlm.core.recipes import is_frozen
@@ -61,7 +61,13 @@ class LlavaModel(VLMModel):
     ) -> LlavaModel:
         """Tower and LLM from the zoo; the connector completed with their widths."""
         p = build_parts(tokenizer, vision_tower, llm, connector, select_layer, select_feature)
-        return cls(p.tower, p.connector(), p.llm, p.image_token_id, p.select_index, p.select_feature)
+        return cls(p.tower, cls.make_connector(p), p.llm, p.image_token_id, p.select_index, p.select_feature)
+
+    @classmethod
+    def make_connector(cls, parts: LlavaParts) -> nn.Module:
+        """The configured connector from the tower's width to the LLM's; a family whose
+        connectors need more of the tower (its depth) completes them here."""
+        return parts.connector()
 
     # -- the contract -----------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:

@@ -57,7 +57,7 @@ class PlainTemplate:
         return out
 
 
-class RawTemplate:
+class RawTemplate(PlainTemplate):
     """No chat template: each question as written, a newline, then its answer and EOS; no roles.
 
     The dense_connector seed's "raw instruction-response pairs". Unlike ``plain`` the question
@@ -66,10 +66,6 @@ class RawTemplate:
 
     name = "raw"
     reads_question = True
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.bos = tokenizer.bos_token or ""
-        self.eos = tokenizer.eos_token
 
     def segments(self, turns: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
         out = [Segment(self.bos, False)] if self.bos else []

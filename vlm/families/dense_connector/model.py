@@ -8,12 +8,11 @@ Recipe parts are LLaVA's: stage 1 trains ``connector``, stage 2 adds ``llm``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from vlm.core.builder import build_parts
+from vlm.core.builder import LlavaParts
 from vlm.core.llava import LlavaModel
 from vlm.families.dense_connector.connectors import DenseConnector
 
@@ -26,20 +25,12 @@ def reads_layers(make_connector: Any) -> bool:
 
 class DenseConnectorModel(LlavaModel):
     @classmethod
-    def from_config(
-        cls,
-        tokenizer: Any,
-        vision_tower: dict,
-        llm: dict,
-        connector: dict,
-        select_layer: int = -2,
-        select_feature: str = "patch",
-    ) -> DenseConnectorModel:
+    def make_connector(cls, parts: LlavaParts) -> nn.Module:
         """A dense connector is completed with the tower's depth, which fixes the states it reads."""
-        p = build_parts(tokenizer, vision_tower, llm, connector, select_layer, select_feature)
-        if reads_layers(p.make_connector):
-            p.make_connector = functools.partial(p.make_connector, tower_depth=p.tower.depth)
-        return cls(p.tower, p.connector(), p.llm, p.image_token_id, p.select_index, p.select_feature)
+        if not reads_layers(parts.make_connector):
+            return parts.connector()
+        tower = parts.tower
+        return parts.make_connector(tower.hidden_size, parts.llm_width, tower_depth=tower.depth)
 
     @property
     def dense(self) -> bool:
