@@ -249,6 +249,7 @@ def captions_run(tmp_path, data_dir, *extra):
     return run_train(overrides, tmp_path)
 
 
+@pytest.mark.slow  # 75 s; make test runs the family through fast_dev_run and the DDP phase test
 def test_train_runs_the_phases_scores_captions_and_draws_the_analysis(shapesworld, tmp_path):
     metrics = captions_run(tmp_path, shapesworld)
     record = json.loads((tmp_path / "parts_rank0.json").read_text())

@@ -25,9 +25,8 @@ class Job:
 
     def name(self, root: Path) -> str:
         """The job number, prefixed by its sweep's folder when ``root`` holds several sweeps
-        (a grid and its baseline): ``mlvf/3``, ``llava/0``; a job in a named subdir
-        (``hydra.sweep.subdir``), that folder: ``stage1/row03-linear``."""
-        if self.num is None or self.path.name != str(self.num):  # a named subdir: its path
+        (a grid and its baseline): ``mlvf/3``, ``llava/0``."""
+        if self.num is None:
             return self.path.relative_to(root).as_posix()
         sweep = self.path.parent.relative_to(root).as_posix()
         return str(self.num) if sweep == "." else f"{sweep}/{self.num}"

@@ -61,14 +61,17 @@ def results_table(
 ) -> Table:
     qtypes = breakdown_columns(jobs, metric)
     header = ["job", *keys, metric, *qtypes, *extra, "step", "status"]
+    names = [job.name(root) for job in jobs]
+    if len(set(names)) < len(names):  # several multiruns into one folder: their paths tell them apart
+        names = [job.path.relative_to(root).as_posix() for job in jobs]
     rows = []
-    for job in jobs:
+    for job, name in zip(jobs, names, strict=True):
         row = pick_row(job.metrics, metric, best, mode)
         values = [_fmt(_float(row.get(c))) if row else "" for c in (metric, *qtypes)]
         step = row.get("step", "") if row else ""
         rows.append(
             [
-                job.name(root),
+                name,
                 *(job.value(k) or "" for k in keys),
                 *values,
                 *(extra_value(job, spec) for spec in extra),
