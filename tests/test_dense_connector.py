@@ -16,6 +16,7 @@ from vlm.cli.build import build_module
 from vlm.cli.common import CONFIG_DIR
 from vlm.cli.common import PROJECT_ROOT as ROOT
 from vlm.core.zoo.registry import LLM_ENTRIES
+from vlm.data.readers import DataFormatError
 from vlm.families.dense_connector.connectors import middle_states, state_groups
 from vlm.runtime.errors import ConfigError
 from vlm.runtime.validate import validate
@@ -267,6 +268,14 @@ def test_an_impossible_connector_is_a_config_error_before_anything_is_built(over
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
     assert not (tmp_path / "shapesworld").exists()  # nothing generated
+
+
+def test_a_row_whose_curated_subset_is_missing_names_the_file(tmp_path):
+    """The rows read vlm-curate's files, which ShapesWorld's generator does not write."""
+    overrides = ["experiment=dense_shapes", "+dense_matrix=row03", *data_overrides(tmp_path)]
+    data = hydra.utils.instantiate(compose_run(overrides, tmp_path).data)
+    with pytest.raises(DataFormatError, match=r"^data.train_json: .*/curated/20kUmap.json does not exist$"):
+        data.prepare_data()
 
 
 # --- the parts at real size ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from vlm.data.datasets import IMAGE_TOKEN, ConversationDataset, check_record
-from vlm.data.readers import caption_conversations, read_coco_captions, read_llava_json
+from vlm.data.readers import DataFormatError, caption_conversations, read_coco_captions, read_llava_json
 from vlm.data.sampling import CountingLoader, ResumableSampler
 from vlm.data.shapesworld import ShapesWorldConfig, generate
 
@@ -105,9 +105,16 @@ class VLMDataModule(L.LightningDataModule):
 
     # -- data on disk ------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate ShapesWorld under ``root``; a no-op when its manifest matches the config."""
-        if self.hparams.source == "shapesworld":
-            generate(self._shapesworld_config())
+        """Generate ShapesWorld under ``root`` (a no-op when its manifest matches the config),
+        then check the files the splits name: one the generator does not write (a curated
+        subset) is said in one line, not as a reader's traceback."""
+        if self.hparams.source != "shapesworld":
+            return
+        generate(self._shapesworld_config())
+        for split, paths in self._layout()[1].items():
+            missing = [p for p in ([paths] if isinstance(paths, Path) else paths) if not p.exists()]
+            if missing:
+                raise DataFormatError(f"data.{split}_json: {missing[0]} does not exist")
 
     def _shapesworld_config(self) -> ShapesWorldConfig:
         opts = {k: _plain(v) for k, v in (self.hparams.shapesworld or {}).items()}
