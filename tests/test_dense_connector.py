@@ -97,7 +97,7 @@ def test_the_connector_reads_exactly_the_states_the_paper_names(connector, depth
 @pytest.mark.parametrize(
     ("stage", "trained"), [("pretrain", {"connector"}), ("finetune", {"connector", "llm"})]
 )
-@pytest.mark.parametrize("connector", ["mlp4x_gelu", "dense_sti", "dense_dci4"])
+@pytest.mark.parametrize("connector", CONNECTORS)
 def test_gradients_reach_the_connector_and_the_llm_only_in_stage_two(connector, stage, trained):
     module = dense_module(f"connector={connector}", f"stage={stage}")
     module.train()
