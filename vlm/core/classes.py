@@ -4,7 +4,7 @@ A shared checkpoint names its LightningModule, its model and its objective; a co
 model and objective. Those names are looked up here, never imported: a file from elsewhere can
 only pick among the classes this code base (and what the user imported) defines. Every subclass
 of a :class:`Known` base registers itself when its module is imported; every entry point
-imports the ``vlm.families`` package, which imports each family.
+imports the families package (``vlm/families/__init__.py``), which imports each family.
 """
 
 from __future__ import annotations
