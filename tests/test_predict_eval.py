@@ -41,6 +41,8 @@ def test_eval_of_the_best_checkpoint_reproduces_the_training_test_accuracy(train
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = dict(re.findall(r"^(test/[\w/]+): ([\d.]+)$", proc.stdout, flags=re.M))
     assert float(printed["test/acc"]) == pytest.approx(metrics["test/acc"], abs=1e-4)
+    assert (out / "eval" / "predictions" / "test_step0.jsonl").is_file()  # in the run, not the cwd
+    assert not (tmp_path / "predictions").exists()
 
 
 def test_a_checkpoint_names_its_format_and_only_a_lightning_module_class(trained_run, tmp_path):
