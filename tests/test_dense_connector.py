@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from runs import cli, compose_run, data_overrides, metrics_rows, on_cuda, run_train, steps, vqa_batch
 
 from vlm.cli.build import build_module
-from vlm.cli.common import CONFIG_DIR
+from vlm.cli.common import CONFIG_DIR, unknown_option
 from vlm.cli.common import PROJECT_ROOT as ROOT
 from vlm.core.zoo.registry import LLM_ENTRIES
 from vlm.data.readers import DataFormatError
@@ -254,6 +254,14 @@ def test_an_unknown_connector_is_one_line_at_the_command_line(tmp_path):
         "vlm-train: connector=dense_xyz: no such option in conf/connector; choose from dense_dci, "
         "dense_dci4, dense_sci, dense_sti, linear, mlp2x_gelu, mlp4x_gelu"
     ]
+
+
+def test_the_option_check_reads_lists_and_sweeps_and_leaves_hydras_groups_alone():
+    ok = ["connector=dense_sti", "connector=linear,dense_dci4", "+logger=[csv,wandb]", "layers='18'",
+          "dense_matrix=glob(row*)", "hydra/launcher=joblib", "connector=null", "seed=3"]  # fmt: skip
+    assert unknown_option(["vlm-train", *ok]) is None
+    assert unknown_option(["vlm-train", "+logger=[csv,wand]"]).startswith("logger=wand: no such option")
+    assert unknown_option(["vlm-train", "connector=linear,dense_x"]).startswith("connector=dense_x:")
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ def unknown_option(argv: list[str], config_dir: str = CONFIG_DIR) -> str | None:
         group = Path(config_dir) / key
         if not sep or key.startswith("hydra") or not group.is_dir() or any(c in value for c in "($"):
             continue
-        for item in (v.strip("'\"") for v in value.split(",")):
+        for item in (v.strip("'\"") for v in value.strip("[]").split(",")):  # a, a,b or [a,b]
             if item not in ("", "null") and not (group / f"{item}.yaml").exists():
                 options = sorted(
                     p.relative_to(group).with_suffix("").as_posix()
