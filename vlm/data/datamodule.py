@@ -4,7 +4,7 @@ Loaders: ``train_dataloader`` gives train-mode batches in a seeded, resumable or
 ``val_dataloader`` and ``test_dataloader`` give two loaders over the same split:
 index ``LOSS`` (0) teacher-forced train-mode batches for a validation loss, index
 ``GENERATE`` (1) prompt-only batches with ``answer`` and ``meta`` (``qtype``, COCO
-``captions``) for VQA accuracy and caption metrics.
+``captions``, segmentation ``masks``) for VQA accuracy, caption and mask metrics.
 
 The processor comes from the model (tokenizer, image transforms), which in turn needs a
 tokenizer trained on ``corpus()``; so loaders exist only after ``attach(processor)``.
@@ -26,13 +26,16 @@ from torch.utils.data import DataLoader
 from vlm.data.datasets import IMAGE_TOKEN, ConversationDataset, check_record
 from vlm.data.readers import DataFormatError, caption_conversations, read_coco_captions, read_llava_json
 from vlm.data.sampling import CountingLoader, ResumableSampler
+from vlm.data.seg_readers import read_reasonseg, read_refcoco
 from vlm.data.shapesworld import ShapesWorldConfig, generate
 
 log = logging.getLogger(__name__)
 
 LOSS, GENERATE = 0, 1
 SPLITS = ("train", "val", "test")
-SOURCES = ("shapesworld", "llava_json", "coco_captions")
+READERS = ("llava_json", "coco_captions", "refcoco")  # the formats ShapesWorld writes
+SOURCES = ("shapesworld", *READERS, "reasonseg")
+SEG_READERS = {"refcoco": read_refcoco, "reasonseg": read_reasonseg}
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), None: SPLITS}
 
 Paths = str | Sequence[str] | None
@@ -50,12 +53,18 @@ class VLMDataModule(L.LightningDataModule):
     """Built from the ``data`` config group; every argument is a plain value.
 
     ``source``: ``shapesworld`` (generate under ``root``, then read the file kind named by
-    ``reader``), ``llava_json`` or ``coco_captions``. ``{split}_json``: the split's file,
-    relative to ``root``; for COCO the caption annotation file(s) and, with
-    ``karpathy_json``, the Karpathy split picks the images. ``image_folder``: where record
-    image paths start (default ``root``; ``root/images`` for ShapesWorld's COCO files).
+    ``reader``), ``llava_json``, ``coco_captions``, ``refcoco`` or ``reasonseg``.
+    ``{split}_json``: the split's file, relative to ``root``; for COCO the caption annotation
+    file(s) and, with ``karpathy_json``, the Karpathy split picks the images.
+    ``image_folder``: where record image paths start (default ``root``; ``root/images`` for
+    ShapesWorld's COCO and refCOCO files).
     ``shapesworld``: ``ShapesWorldConfig`` fields. ``max_val_samples``: a seeded random
-    subset of val, for fast evaluation during training (test is never capped).
+    subset of val, for fast evaluation during training (test is never capped);
+    ``max_train_samples`` the same for train (a data-size ablation).
+    Segmentation (``refcoco``, ``reasonseg``, or ShapesWorld's ``refs/`` with ``reader: refcoco``
+    and ``split_by: shapes``): ``splits`` names the data set's split for each of ours
+    (refCOCO's ``{test: testA}``; null: the same names), ``split_by`` the refs file
+    (``refs(<split_by>).p``), ``prompts`` the reader's question/answer templates (null: LISA's).
     ``text_cache``: conversations whose token ids the processor keeps after their first use
     (0: none); each loader worker keeps its own. ``qtypes``: the question types the records
     carry (``meta.qtype``), which the VQA objective scores one by one (``objective.qtypes``
@@ -75,6 +84,9 @@ class VLMDataModule(L.LightningDataModule):
         karpathy_json: str | None = None,
         reader: str = "llava_json",
         shapesworld: dict | None = None,
+        split_by: str = "unc",
+        splits: dict | None = None,
+        prompts: dict | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -82,6 +94,7 @@ class VLMDataModule(L.LightningDataModule):
         on_bad_sample: str = "skip",
         require_image: bool = True,
         max_val_samples: int | None = None,
+        max_train_samples: int | None = None,
         corpus_json: Sequence[str] | None = None,
         text_cache: int = 0,
         qtypes: Sequence[str] = (),
@@ -91,8 +104,8 @@ class VLMDataModule(L.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
-        if reader not in SOURCES[1:]:
-            raise ValueError(f"data.reader must be one of {SOURCES[1:]}, got {reader!r}")
+        if reader not in READERS:
+            raise ValueError(f"data.reader must be one of {READERS}, got {reader!r}")
         self.save_hyperparameters()
         for key, value in self.hparams.items():  # plain values, so checkpoints load weights-only
             if OmegaConf.is_config(value):
@@ -111,6 +124,9 @@ class VLMDataModule(L.LightningDataModule):
         if self.hparams.source != "shapesworld":
             return
         generate(self._shapesworld_config())
+        if self._layout()[0] in SEG_READERS:
+            self._check_seg(SPLITS)
+            return
         for split, paths in self._layout()[1].items():
             missing = [p for p in ([paths] if isinstance(paths, Path) else paths) if not p.exists()]
             if missing:
@@ -121,9 +137,13 @@ class VLMDataModule(L.LightningDataModule):
         return ShapesWorldConfig(**{**opts, "root": str(self.hparams.root)})
 
     def _layout(self) -> tuple[str, dict[str, Any], str | None, Path]:
-        """(reader, split → file(s), Karpathy file, image folder), defaults filled in."""
+        """(reader, split → file(s), Karpathy file, image folder), defaults filled in; for
+        segmentation split → the data set's split name, read from ``_seg_folder()``."""
         hp, root = self.hparams, Path(self.hparams.root)
         kind = hp.reader if hp.source == "shapesworld" else hp.source
+        if kind in SEG_READERS:
+            images = hp.image_folder or ("images" if hp.source == "shapesworld" else ".")
+            return kind, dict(hp.splits or {s: s for s in SPLITS}), None, root / images
         files: dict[str, Any] = {s: hp[f"{s}_json"] for s in SPLITS}
         karpathy, images = hp.karpathy_json, hp.image_folder
         if hp.source == "shapesworld" and kind == "llava_json":
@@ -145,6 +165,10 @@ class VLMDataModule(L.LightningDataModule):
         if kind == "llava_json":
             records = read_llava_json(path)
             source = str(path) if isinstance(path, Path) else ", ".join(map(str, path))
+        elif kind in SEG_READERS:
+            args = {"split_by": hp.split_by} if kind == "refcoco" else {}
+            records = SEG_READERS[kind](self._seg_folder(), path, **args, **(hp.prompts or {}))
+            source = f"{self._seg_folder()} ({path})"
         else:
             coco = read_coco_captions(path, karpathy, split if karpathy else None)
             records = caption_conversations(coco, per_caption=split == "train")
@@ -171,34 +195,64 @@ class VLMDataModule(L.LightningDataModule):
             n = min(hp.val_holdout, max(1, len(train) // 10))  # a small file still trains
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
             self.datasets["val"] = train.subset(sorted(order[:n]))
-            self.datasets["train"] = train.subset(sorted(order[n:]))
+            self.datasets["train"] = self._capped(train.subset(sorted(order[n:])), hp.max_train_samples)
             log.info(f"no data.val_json: validating on {n} records held out of train (data.val_holdout)")
             return self.datasets[split]
         ds = self._read(split)
-        if split == "val" and hp.max_val_samples and len(ds) > hp.max_val_samples:
-            g = torch.Generator().manual_seed(hp.seed)
-            ds = ds.subset(sorted(torch.randperm(len(ds), generator=g)[: hp.max_val_samples].tolist()))
-        self.datasets[split] = ds
+        cap = {"train": hp.max_train_samples, "val": hp.max_val_samples}.get(split)
+        self.datasets[split] = ds = self._capped(ds, cap)
         return ds
+
+    def _capped(self, ds: ConversationDataset, n: int | None) -> ConversationDataset:
+        """A seeded random subset of at most ``n`` samples (``None``: all of them)."""
+        if not n or len(ds) <= n:
+            return ds
+        g = torch.Generator().manual_seed(self.hparams.seed)
+        return ds.subset(sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))
 
     def check_files(self, splits: Sequence[str]) -> None:
         """Before anything is read: each split's files exist (a held-out val needs none;
         ShapesWorld writes its own in ``prepare_data``)."""
         if self.hparams.source == "shapesworld":
             return
-        _, files, karpathy, images = self._layout()
-        for split in splits:
-            if split == "val" and self.held_out():
-                continue
+        kind, files, karpathy, images = self._layout()
+        read = [s for s in splits if not (s == "val" and self.held_out())]
+        for split in read:
             if split not in files:
+                key = f"data.splits.{split}" if kind in SEG_READERS else f"data.{split}_json"
                 also = " or data.val_holdout" if split == "val" else ""
-                raise ValueError(f"no file for the {split} split: set data.{split}_json{also}")
+                raise ValueError(f"no file for the {split} split: set {key}{also}")
+            if kind in SEG_READERS:
+                continue
             paths = [files[split]] if isinstance(files[split], Path) else files[split]
             for path in [*paths, *([Path(karpathy)] if karpathy else [])]:
                 if not path.is_file():
                     raise ValueError(f"data.{split}_json: {path} does not exist")
+        if kind in SEG_READERS:
+            self._check_seg(read)
         if not images.is_dir():
             raise ValueError(f"data.image_folder: {images} is not a folder")
+
+    def _seg_folder(self) -> Path:
+        """Where a segmentation reader reads: ShapesWorld's ``refs/``, else ``root``."""
+        root = Path(self.hparams.root)
+        return root / "refs" if self.hparams.source == "shapesworld" else root
+
+    def _check_seg(self, splits: Sequence[str]) -> None:
+        """The files a segmentation reader needs exist: refCOCO's instances and refs pickle,
+        ReasonSeg's split folders; one line naming the key and the path."""
+        kind, names, _, _ = self._layout()
+        folder = self._seg_folder()
+        if kind == "refcoco":
+            needed = {
+                "data.root": folder / "instances.json",
+                "data.split_by": folder / f"refs({self.hparams.split_by}).p",
+            }
+        else:
+            needed = {f"data.splits.{s}": folder / names[s] for s in splits if s in names}
+        for key, path in needed.items():
+            if not path.exists():
+                raise DataFormatError(f"{key}: {path} does not exist")
 
     def _check_qtypes(self, records: Sequence[Any], source: str) -> None:
         found = Counter(r.get("qtype") for r in records if isinstance(r, dict) and r.get("qtype"))

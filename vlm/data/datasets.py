@@ -35,7 +35,13 @@ log = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"  # LLaVA JSON's image placeholder
 ROLES = ("human", "gpt")  # turn 2k is human, 2k+1 gpt
 # Reasons only seen when a sample is read: codes 1.. in the per-record tensor.
-READ_REASONS = ("missing image", "unreadable image", "longer than max_length", "no target tokens left")
+READ_REASONS = (
+    "missing image",
+    "unreadable image",
+    "longer than max_length",
+    "no target tokens left",
+    "malformed mask",
+)
 NAMED_PER_REASON = 3  # skips of one reason named one by one (per process); the rest are counted
 RECORD_KEYS = ("id", "image", "conversations")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import pickle
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from .writers import (
     png_bytes,
 )
 
-VERSION = 2  # 2: a conversation asks nothing its earlier turns answer
+VERSION = 3  # 2: a conversation asks nothing its earlier turns answer; 3: typed refs in refs(shapes).p
 SPLITS = ("train", "val", "test")
 IMAGE = "<image>"
 PAIR_ORDERS = ("left_to_right", "random")
@@ -255,6 +256,6 @@ def generate(cfg: ShapesWorldConfig) -> Path:
         atomic_write_json(root / "dataset_coco.json", karpathy(all_entries))
         instances, refs = instances_and_refs(all_entries, list(cfg.shapes))
         atomic_write_json(root / "refs" / "instances.json", instances)
-        atomic_write_json(root / "refs" / "refs.json", refs)
+        atomic_write_bytes(root / "refs" / "refs(shapes).p", pickle.dumps(refs, protocol=2))
         atomic_write_bytes(manifest, json.dumps({**want, "counts": counts}, indent=2).encode())
     return root

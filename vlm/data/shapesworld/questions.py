@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
-from .scene import Shape
+from .scene import SHAPES, Shape
 
 QTYPES = ("caption", "color", "shape", "count", "position", "exists", "side")
 DEFAULT_QTYPES = QTYPES[:6]  # "side" is opt-in: data sets without it keep their identity
@@ -182,18 +182,52 @@ def ask_many(
     return out
 
 
-def referring_expressions(s: Shape, scene: list[Shape]) -> list[str]:
-    """Expressions that pick out exactly `s` in the scene (refCOCO style)."""
+REF_TYPES = ("attribute", "spatial", "reasoning")  # what a referring expression asks of a model
+CORNERS = {"circle": 0}  # other shapes: as many corners as sides
+AREA_MARGIN = 1.2  # "largest"/"smallest" only when it beats the runner-up by 20%
+
+
+def _corners(s: Shape) -> int:
+    return CORNERS.get(s.shape, SHAPES[s.shape][0])
+
+
+def _extreme(s: Shape, scene: list[Shape], key: Callable[[Shape], float], margin: float = 1.0) -> bool:
+    """s alone has the largest key, ahead of every other shape by the factor `margin`."""
+    others = [key(o) for o in scene if o is not s]
+    return bool(others) and key(s) > margin * max(others)
+
+
+def referring_expressions(s: Shape, scene: list[Shape]) -> list[tuple[str, str]]:
+    """(type, expression) pairs that each pick out exactly `s` in the scene (refCOCO style).
+
+    attribute: its name, shape or colour where unique. spatial: leftmost/rightmost, or "the
+    shape left of <anchor>" where s is the only shape whose centre lies left of a uniquely
+    named anchor and it is clearly left of it. reasoning: most/fewest corners (a circle has
+    none), largest/smallest by a clear margin of area."""
     out = []
     if s in _unique(scene, name):
-        out.append(f"the {name(s)}")
+        out.append(("attribute", f"the {name(s)}"))
     if s in _unique(scene, lambda o: o.shape):
-        out.append(f"the {s.shape}")
+        out.append(("attribute", f"the {s.shape}"))
     if s in _unique(scene, lambda o: o.color):
-        out.append(f"the {s.color} shape")
+        out.append(("attribute", f"the {s.color} shape"))
     others = [o for o in scene if o is not s]
     if others and all(left_of(s, o) for o in others):
-        out.append("the leftmost shape")
+        out.append(("spatial", "the leftmost shape"))
     if others and all(left_of(o, s) for o in others):
-        out.append("the rightmost shape")
+        out.append(("spatial", "the rightmost shape"))
+    for anchor in _unique(scene, name):
+        rest = [o for o in scene if o is not anchor]
+        if [o for o in rest if o.cx < anchor.cx] == [s] and left_of(s, anchor):
+            out.append(("spatial", f"the shape left of the {name(anchor)}"))
+        if [o for o in rest if o.cx > anchor.cx] == [s] and left_of(anchor, s):
+            out.append(("spatial", f"the shape right of the {name(anchor)}"))
+    if _extreme(s, scene, _corners):
+        out.append(("reasoning", "the shape with the most corners"))
+    if _extreme(s, scene, lambda o: -_corners(o)):
+        out.append(("reasoning", "the shape with the fewest corners"))
+    if _extreme(s, scene, lambda o: o.area, AREA_MARGIN):
+        out.append(("reasoning", "the largest shape"))
+    if _extreme(s, scene, lambda o: 1 / o.area, AREA_MARGIN):
+        out.append(("reasoning", "the smallest shape"))
     return out

@@ -93,7 +93,8 @@ def karpathy(entries: list[ImageEntry]) -> dict:
 
 
 def instances_and_refs(entries: list[ImageEntry], shapes: list[str]) -> tuple[dict, list[dict]]:
-    """COCO instances (polygon masks; colour as an extra attribute) and refCOCO-style refs."""
+    """COCO instances (polygon masks; colour as an extra attribute) and refCOCO refs, whose
+    sentences carry their expression type as an extra key ``type``."""
     cat_id = {k: i + 1 for i, k in enumerate(shapes)}
     anns, refs, sent_id = [], [], 0
     for e in entries:
@@ -115,8 +116,8 @@ def instances_and_refs(entries: list[ImageEntry], shapes: list[str]) -> tuple[di
             if not exprs:
                 continue
             sents = [
-                {"sent": x, "raw": x, "tokens": tokens(x), "sent_id": sent_id + j}
-                for j, x in enumerate(exprs)
+                {"sent": x, "raw": x, "tokens": tokens(x), "sent_id": sent_id + j, "type": kind}
+                for j, (kind, x) in enumerate(exprs)
             ]
             sent_id += len(sents)
             refs.append(
