@@ -197,3 +197,22 @@ def test_lora_trains_only_adapters_and_keeps_base_output_at_init(tokenizer):
     assert not any("lm_head" in n or "embed_tokens" in n for n in trainable)
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])["logits"]
     assert torch.allclose(out, ref, atol=1e-6), "LoRA B is zero-initialised"
+
+
+def test_a_pooling_connector_averages_grid_neighbourhoods_before_its_mlp():
+    """pool=2 on a 4 x 4 grid: token (r, c) of the 2 x 2 output is the mean of patches
+    (2r..2r+1, 2c..2c+1), then the MLP; a grid it cannot tile is refused in one line."""
+    torch.manual_seed(0)
+    conn = Connector(8, 16, pool=2)
+    x = torch.randn(2, 16, 8)
+    grid = x.view(2, 4, 4, 8)
+    want = torch.stack(
+        [grid[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].mean((1, 2)) for r in range(2) for c in range(2)], 1
+    )
+    assert conn.num_tokens(16) == 4
+    torch.testing.assert_close(conn(x), conn.proj(want))
+    assert Connector(8, 16).num_tokens(16) == 16
+    with pytest.raises(
+        ValueError, match=r"^connector pool=2 needs a square grid whose side it divides, got 9 tokens$"
+    ):
+        conn.num_tokens(9)
