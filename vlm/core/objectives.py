@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from vlm.core.caption_metrics import CaptionMetrics
 from vlm.core.classes import Known
 from vlm.core.metrics import VQAAccuracy
+from vlm.core.seg_metrics import SegmentationIoU, intersection_union
 from vlm.core.tokenizer import IMAGE_TOKEN
 
 SPLITS = ("val", "test")
@@ -121,3 +123,54 @@ class CaptionObjective(Objective):
     def rows(self, batch: dict, predictions: list, tokenizer: Any) -> Iterator[dict]:
         for i, refs in enumerate(self.references(batch)):
             yield {"id": batch["id"][i], "prediction": predictions[i], "references": refs}
+
+
+class SegmentationObjective(Objective):
+    """Referring / reasoning segmentation: gIoU (``monitor``) and cIoU of the predicted masks
+    (logit > 0), overall and per expression type (``meta.qtype``, for the types in ``qtypes``).
+    ``predict`` gives the module's mask logits; a sample's row carries its masks' IoU."""
+
+    monitor = "giou"
+    progress = ("giou", "ciou")
+
+    def __init__(self, qtypes: list[str] | None = None) -> None:
+        self.qtypes = list(qtypes or [])
+        super().__init__()
+
+    def new_metric(self) -> Metric:
+        return SegmentationIoU(self.qtypes)
+
+    def predict(self, module: Any, batch: dict) -> list:
+        return module.segment(batch)
+
+    @staticmethod
+    def mask_qtypes(batch: dict) -> list[str]:
+        """The sample's type, once per mask it holds."""
+        counts = batch["masks_per_sample"].tolist()
+        return [
+            m.get("qtype", "referring") for m, n in zip(batch["meta"], counts, strict=True) for _ in range(n)
+        ]
+
+    def update(self, split: str, batch: dict, predictions: list) -> None:
+        self.metrics[split].update(
+            torch.stack(predictions), batch["masks"], self.mask_qtypes(batch), batch["mask_scale"]
+        )
+
+    def compute(self, split: str) -> dict[str, Tensor]:
+        metric = self.metrics[split]
+        return metric.compute() if metric.update_called else {}
+
+    def rows(self, batch: dict, predictions: list, tokenizer: Any) -> Iterator[dict]:
+        inter, union = intersection_union(torch.stack(predictions), batch["masks"])
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).tolist()
+        start = 0
+        for i, n in enumerate(batch["masks_per_sample"].tolist()):
+            yield {
+                "id": batch["id"][i],
+                "qtype": batch["meta"][i].get("qtype", "referring"),
+                "prompt": tokenizer.decode(batch["input_ids"][i], skip_special_tokens=True).replace(
+                    IMAGE_TOKEN, ""
+                ),
+                "iou": [round(x, 4) for x in iou[start : start + n]],
+            }
+            start += n
