@@ -211,6 +211,15 @@ LLM_ENTRIES: dict[str, LLMEntry] = {
         ),
         "Qwen/Qwen3-0.6B", True, TINY_QWEN3,
     ),
+    "qwen3_0.6b_base": LLMEntry(  # the sam_segmentation seed's text LLM: same shape, no chat tuning
+        "qwen3",
+        _llama(
+            1024, 28, 16, 8, 3072, 151936, head_dim=128, max_position_embeddings=32768,
+            rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=_QWEN_ROPE,
+            bos_token_id=151643, eos_token_id=151643,
+        ),
+        "Qwen/Qwen3-0.6B-Base", True, TINY_QWEN3,
+    ),
     "gpt_neo_125m": LLMEntry(
         "gpt_neo",
         dict(
