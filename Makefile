@@ -11,7 +11,7 @@ STAMP := $(VENV)/.vlm-setup.stamp
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
 
-.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer sweep-dense bench-gpu-dense test test-full prove-resume lint bench clean
+.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam bench-gpu-dense test test-full prove-resume lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -87,6 +87,17 @@ sweep-dense: setup ## Dense connector: curation, the seed's 19 + 6 runs on Shape
 		logger.wandb.project=multimodal-llama-dense-connector hydra.sweep.dir=$(SWEEP_DENSE)/stage2 $(ARGS)
 	$(BIN)/vlm-report $(SWEEP_DENSE)/stage1 $(DENSE_KEYS)
 	$(BIN)/vlm-report $(SWEEP_DENSE)/stage2 $(DENSE_KEYS)
+
+# The sam_segmentation ablation (sweeps/sam_grid.yaml: mode x prompt x LoRA rank x precision,
+# 16 shorter runs of experiment=sam_shapes), then the tables: test gIoU and cIoU per job, with
+# gIoU per expression type, and gIoU as mode x prompt.
+SWEEP_SAM := logs/sweep_sam/$(shell date +%Y-%m-%d_%H-%M-%S)
+SAM_KEYS := --keys mode prompt stage.tune.llm.lora_r trainer.precision \
+	--extra test/ciou test/giou_attribute test/giou_spatial test/giou_reasoning val/giou:max
+sweep-sam: setup ## VLM-to-SAM mode x prompt x LoRA rank x precision on ShapesWorld, and the tables
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name sam_grid hydra.sweep.dir=$(SWEEP_SAM) $(ARGS)
+	$(BIN)/vlm-report $(SWEEP_SAM) --metric test/giou $(SAM_KEYS)
+	$(BIN)/vlm-report $(SWEEP_SAM) --metric test/giou --rows mode --cols prompt
 
 test: export HF_HUB_OFFLINE := 1
 test: setup ## Run the fast tests (not slow, not gpu)

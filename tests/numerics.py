@@ -26,6 +26,7 @@ TINY_EXPERIMENTS = (
     "llava_shapes_stage1b",
     "mlvf_shapes",
     "qformer_shapes",
+    "sam_shapes",
 )
 
 

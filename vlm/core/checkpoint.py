@@ -49,9 +49,11 @@ def plain(value: Any) -> Any:
 
 
 def without_pretrained(cfg: Any) -> Any:
-    """The checkpoint holds every weight, so rebuilding must not fetch hub weights again."""
+    """The checkpoint holds every weight, so rebuilding must not fetch hub weights again (nor
+    quantise them on loading: ``load_in``)."""
     if isinstance(cfg, dict):
-        return {k: (False if k == "pretrained" else without_pretrained(v)) for k, v in cfg.items()}
+        cleared = {"pretrained": False, "load_in": None}
+        return {k: cleared[k] if k in cleared else without_pretrained(v) for k, v in cfg.items()}
     return cfg
 
 

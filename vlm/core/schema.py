@@ -252,6 +252,8 @@ class TrainConf:
     layers: Any = None
     conditioning: Any = None
     unfreeze: Any = None
+    sam: Any = None
+    vlm: Any = None
     data: Any = None
     stage: Any = None
     tokenizer: Any = None

@@ -7,3 +7,5 @@ import vlm.families.dense_connector.model  # noqa: F401
 import vlm.families.layer_fusion.model  # noqa: F401
 import vlm.families.qformer_captioner.model  # noqa: F401
 import vlm.families.qformer_captioner.module  # noqa: F401
+import vlm.families.sam_segmentation.model  # noqa: F401
+import vlm.families.sam_segmentation.module  # noqa: F401

@@ -28,6 +28,7 @@ from vlm.runtime.frozen_dtype import frozen_dtype
 # What a config may name as a `_target_` (Hydra's own `hydra` node aside, which Hydra checks).
 ALLOWED_TARGETS = ("vlm.", "torch.", "lightning.", "transformers.", "timm.", "peft.", "hydra.")
 PRETRAINED_PARTS = {"encoder": "encoder", "augmenting": "encoder", "llm": "llm"}  # node -> zoo kind
+HUB_PARTS = ("vlm", "sam")  # nodes whose `name` is a hub id (sam_segmentation)
 
 
 def validate(cfg: DictConfig, data: bool = True) -> None:
@@ -121,16 +122,33 @@ def check_weights(cfg: DictConfig) -> None:
             hub_id = weights_hub_id(kind, part.name)
             if hub_id is not None:
                 require_local(hub_id, f"{node}.pretrained")
+    for node in HUB_PARTS:
+        part = cfg.get(node)
+        if part is not None and part.get("pretrained"):
+            require_local(part.name, f"{node}.pretrained")
+    load_in = OmegaConf.select(cfg, "vlm.load_in", default=None)
+    if load_in and not torch.cuda.is_available():
+        what = f"vlm.load_in={load_in}: 4/8-bit loading needs bitsandbytes on a CUDA device"
+        raise ConfigError(f"{what}; this machine has none")
     name = OmegaConf.select(cfg, "tokenizer.name", default=None)
     if name not in (None, "auto") and not Path(name).exists():
         require_local(name, "tokenizer.name", weights=False)
 
 
 class ShapeTokenizer:
-    """What building a model asks of its tokenizer: a vocabulary size and the ``<image>`` id."""
+    """What building a model asks of its tokenizer: a vocabulary size, the ``<image>`` id, and
+    room for the special tokens a family adds (``[SEG]``)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}
+
+    def add_special_tokens(self, tokens: dict, **kwargs) -> int:
+        added = sum(len(v) if isinstance(v, list) else 1 for v in tokens.values())
+        self.size += added
+        return added
 
     def __len__(self) -> int:
         return self.size
