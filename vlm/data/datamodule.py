@@ -138,7 +138,7 @@ class VLMDataModule(L.LightningDataModule):
 
     def _layout(self) -> tuple[str, dict[str, Any], str | None, Path]:
         """(reader, split → file(s), Karpathy file, image folder), defaults filled in; for
-        segmentation split → the data set's split name, read from ``_seg_folder()``."""
+        segmentation split → the data set's split name, read from ``seg_folder()``."""
         hp, root = self.hparams, Path(self.hparams.root)
         kind = hp.reader if hp.source == "shapesworld" else hp.source
         if kind in SEG_READERS:
@@ -167,8 +167,8 @@ class VLMDataModule(L.LightningDataModule):
             source = str(path) if isinstance(path, Path) else ", ".join(map(str, path))
         elif kind in SEG_READERS:
             args = {"split_by": hp.split_by} if kind == "refcoco" else {}
-            records = SEG_READERS[kind](self._seg_folder(), path, **args, **(hp.prompts or {}))
-            source = f"{self._seg_folder()} ({path})"
+            records = SEG_READERS[kind](self.seg_folder(), path, **args, **(hp.prompts or {}))
+            source = f"{self.seg_folder()} ({path})"
         else:
             coco = read_coco_captions(path, karpathy, split if karpathy else None)
             records = caption_conversations(coco, per_caption=split == "train")
@@ -233,7 +233,7 @@ class VLMDataModule(L.LightningDataModule):
         if not images.is_dir():
             raise ValueError(f"data.image_folder: {images} is not a folder")
 
-    def _seg_folder(self) -> Path:
+    def seg_folder(self) -> Path:
         """Where a segmentation reader reads: ShapesWorld's ``refs/``, else ``root``."""
         root = Path(self.hparams.root)
         return root / "refs" if self.hparams.source == "shapesworld" else root
@@ -242,7 +242,7 @@ class VLMDataModule(L.LightningDataModule):
         """The files a segmentation reader needs exist: refCOCO's instances and refs pickle,
         ReasonSeg's split folders; one line naming the key and the path."""
         kind, names, _, _ = self._layout()
-        folder = self._seg_folder()
+        folder = self.seg_folder()
         if kind == "refcoco":
             needed = {
                 "data.root": folder / "instances.json",

@@ -5,6 +5,7 @@ pictures, and the run's peak memory at its end."""
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 from functools import cached_property
@@ -17,6 +18,7 @@ from vlm.core.templates import build_template
 from vlm.families.sam_segmentation.overlays import Overlays
 from vlm.families.sam_segmentation.processor import SegmentationProcessor
 
+log = logging.getLogger(__name__)
 GIB = 2**30
 LOSS_TERMS = ("loss", "ce", "bce", "dice")
 
@@ -103,5 +105,5 @@ class SegmenterModule(VLMLitModule):
         gib = peak_memory_gib(self.device)
         kind = "GPU allocated" if self.device.type == "cuda" else "process RSS"
         if self.trainer.is_global_zero:
-            print(f"peak memory ({stage}, {kind}): {gib:.2f} GiB")
+            log.info(f"peak memory ({stage}, {kind}): {gib:.2f} GiB")
         log_now(self.trainer, self.global_step, {f"memory/peak_gib_{stage}": gib})
