@@ -275,14 +275,15 @@ def test_an_unsupported_vlm_type_and_4bit_on_a_cpu_are_one_line_errors(tmp_path)
 
 def test_sam_shapes_trains_scores_draws_and_reloads(shapesworld, tmp_path):
     """A short experiment=sam_shapes on the tiny ShapesWorld refs: gIoU / cIoU per type in val
-    and test, the best checkpoint picked by val/giou, overlays and prediction rows in the run,
-    the peak memory logged; the checkpoint reloads ([SEG] and all) to the same masks."""
-    from runs import experiment_overrides, metrics_rows, run_train, steps
+    and test, the best checkpoint picked by val/giou, overlays in the run and in wandb,
+    prediction rows, the peak memory logged; the checkpoint reloads ([SEG] and all) to the same
+    masks."""
+    from runs import experiment_overrides, load_ckpt, metrics_rows, run_train, steps
 
     from vlm.core.lit_module import VLMLitModule
 
     run = tmp_path / "run"
-    overrides = [*experiment_overrides("sam_shapes", shapesworld), *steps(4, 2), "logger=csv"]
+    overrides = [*experiment_overrides("sam_shapes", shapesworld), *steps(4, 2), "logger=default"]
     metrics = run_train([*overrides, "prompt=seg_token", "data.max_val_samples=16"], run)
     for split in ("val", "test"):
         assert {f"{split}/giou", f"{split}/ciou", f"{split}/giou_attribute", f"{split}/bce"} <= set(metrics)
@@ -296,9 +297,12 @@ def test_sam_shapes_trains_scores_draws_and_reloads(shapesworld, tmp_path):
         and all(0.0 <= x <= 1.0 for r in rows for x in r["iou"])
         and rows[0]["qtype"] in ("attribute", "spatial", "reasoning")
     )
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")  # csv + wandb, offline without a key
+    assert list(wandb_run.glob("files/media/images/val/overlays*.png"))
     logged = [r for r in metrics_rows(run) if r.get("memory/peak_gib_fit")]
     assert logged and float(logged[0]["memory/peak_gib_fit"]) > 0.1
     (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert any("'monitor': 'val/giou'" in key for key in load_ckpt(best)["callbacks"])
     module = VLMLitModule.from_checkpoint(best)
     assert module.hparams.objective["_target_"].endswith("SegmentationObjective")
     b = batch(module, [sample("the red circle.", colour="red")])
