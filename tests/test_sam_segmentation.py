@@ -249,7 +249,7 @@ def test_every_vlm_class_gives_one_mask_per_prompt_and_trains_its_connectors(vlm
         assert grads and all(g is not None for g in grads), part
 
 
-def test_an_unsupported_vlm_type_and_4bit_on_a_cpu_are_one_line_errors(tmp_path):
+def test_an_unsupported_vlm_type_a_vlm_without_its_mode_and_4bit_on_a_cpu_are_one_line_errors(tmp_path):
     from vlm.runtime.errors import ConfigError
     from vlm.runtime.validate import validate
 
@@ -261,6 +261,10 @@ def test_an_unsupported_vlm_type_and_4bit_on_a_cpu_are_one_line_errors(tmp_path)
         from vlm.families.sam_segmentation.vlms import backbone_class
 
         backbone_class(Blip2Config())
+    with pytest.raises(
+        Exception, match=r"vlm names 'tiny_paligemma' but mode=separate builds encoder \+ llm: add mode=vlm"
+    ):
+        segmenter("vlm=tiny_paligemma")
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["experiment=sam_shapes", "mode=vlm", "vlm.load_in=4bit"])
     if not torch.cuda.is_available():

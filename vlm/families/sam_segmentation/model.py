@@ -101,6 +101,10 @@ class SamSegmenter(VLMModel):
             raise ValueError(f"mode={mode!r}: choose from {', '.join(MODES)}")
         seg = add_seg_token(tokenizer)
         image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if mode == "separate" and vlm:
+            raise ValueError(
+                f"vlm names {vlm.get('name')!r} but mode=separate builds encoder + llm: add mode=vlm"
+            )
         if mode == "separate":
             backbone = SeparateBackbone.build(
                 tokenizer, image_token, vision_tower, llm, connector, select_layer
