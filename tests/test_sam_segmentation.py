@@ -235,6 +235,16 @@ def test_gradients_reach_the_connectors_lora_and_decoder_and_never_a_frozen_part
 @pytest.mark.parametrize("prompt", ["seg_token", "fused"])
 @pytest.mark.parametrize("vlm", VLMS)
 def test_every_vlm_class_gives_one_mask_per_prompt_and_trains_its_connectors(vlm, prompt):
+    """Through vlm-train's validation first (a meta-device build with a stand-in tokenizer),
+    then built for real: masks, losses and gradients."""
+    from vlm.runtime.validate import check_model
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        check_model(
+            compose(
+                "train", overrides=["experiment=sam_shapes", "mode=vlm", f"vlm={vlm}", f"prompt={prompt}"]
+            )
+        )
     module = segmenter("mode=vlm", f"vlm={vlm}", f"prompt={prompt}")
     assert type(module.model.backbone).__name__ != "SeparateBackbone"
     samples = [sample("the red circle and the square.", n_seg=2, colour="red"), sample("it.", colour="blue")]

@@ -548,7 +548,8 @@ def _quantization(load_in: str) -> BitsAndBytesConfig:
 
 def _tiny_config(name: str, tokenizer: Any, image_token_id: int) -> PretrainedConfig:
     model_type, arch = TINY[name]
-    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: v for k, v in ids.items() if v is not None}  # validation's stand-in has none
     text = _TINY_TEXT | arch.get("text_config", {}) | ids | {"vocab_size": len(tokenizer)}
     config = AutoConfig.for_model(model_type, **(arch | {"text_config": text}))
     config.image_token_id = image_token_id
