@@ -324,13 +324,12 @@ def test_sam_shapes_trains_scores_draws_and_reloads(shapesworld, tmp_path):
     assert torch.equal(torch.stack(module.segment(b)), torch.stack(again.segment(b)))
 
 
-def test_the_baselines_score_the_empty_mask_and_the_largest_object(shapesworld):
+def test_the_baselines_score_the_empty_mask_and_the_largest_object(shapesworld, tmp_path):
     """By hand: an expression naming its image's largest object scores 1 under the
     largest-object baseline, one naming a smaller object its overlap; the empty mask 0. Then
     ``vlm-baselines`` on the tiny ShapesWorld refs, through the data config."""
-    from runs import data_overrides
+    from runs import cli, data_overrides
 
-    from vlm.cli.baselines import main
     from vlm.families.sam_segmentation.baselines import score
 
     big, small = square(0, 0, 40, 40), square(50, 50, 60, 60)
@@ -342,6 +341,10 @@ def test_the_baselines_score_the_empty_mask_and_the_largest_object(shapesworld):
     assert out["empty"]["giou"] == 0.0 and out["empty"]["ciou"] == 0.0
     assert out["largest"]["giou_attribute"] == 1.0 and out["largest"]["giou_spatial"] == 0.0
     assert out["largest"]["giou"] == 0.5
-    result = main(["experiment=sam_shapes", *data_overrides(shapesworld), "split=val"])
+    run = cli(
+        "vlm-baselines", ["experiment=sam_shapes", *data_overrides(shapesworld), "split=val"], tmp_path, 120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
     assert result["records"] > 0 and result["empty"]["giou"] == 0.0
     assert 0.0 < result["largest"]["giou"] <= 1.0 and sum(result["per_type"].values()) == result["records"]

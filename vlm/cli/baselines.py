@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from vlm.cli.common import CONFIG_DIR
@@ -23,12 +24,14 @@ from vlm.families.sam_segmentation.baselines import largest_objects, score
 STAGES = {"train": "fit", "val": "validate", "test": "test"}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     opts = dict(a.split("=", 1) for a in args if a.startswith(("split=", "mask_size=")))
     split, size = opts.get("split", "test"), int(opts.get("mask_size", 64))
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[a for a in args if not a.startswith(("split=", "mask_size="))])
+        overrides = [a for a in args if not a.startswith(("split=", "mask_size="))]
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # paths resolve as in a run (${hydra:runtime.cwd})
     data = hydra.utils.instantiate(cfg.data)
     data.prepare_data()
     instances = data.seg_folder() / "instances.json"
@@ -43,7 +46,6 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"split": split, "records": len(records), "per_type": dict(per_type), "mask_size": size, **result}
     (Path(data.hparams.root) / f"baselines_{split}.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
-    return out
 
 
 if __name__ == "__main__":
