@@ -89,11 +89,10 @@ sweep-dense: setup ## Dense connector: curation, the seed's 19 + 6 runs on Shape
 	$(BIN)/vlm-report $(SWEEP_DENSE)/stage2 $(DENSE_KEYS)
 
 # The sam_segmentation ablation (sweeps/sam_grid.yaml: mode x prompt x LoRA rank x precision,
-# 16 shorter runs of experiment=sam_shapes), then the tables: test gIoU and cIoU per job, with
-# gIoU per expression type, and gIoU as mode x prompt.
+# 16 shorter runs of experiment=sam_shapes), then the tables: test gIoU (and per expression
+# type) and cIoU per job, and gIoU as mode x prompt.
 SWEEP_SAM := logs/sweep_sam/$(shell date +%Y-%m-%d_%H-%M-%S)
-SAM_KEYS := --keys mode prompt stage.tune.llm.lora_r trainer.precision \
-	--extra test/ciou test/giou_attribute test/giou_spatial test/giou_reasoning val/giou:max
+SAM_KEYS := --keys mode prompt stage.tune.llm.lora_r trainer.precision --extra test/ciou val/giou:max
 sweep-sam: setup ## VLM-to-SAM mode x prompt x LoRA rank x precision on ShapesWorld, and the tables
 	$(BIN)/vlm-train -m --config-dir sweeps --config-name sam_grid hydra.sweep.dir=$(SWEEP_SAM) $(ARGS)
 	$(BIN)/vlm-report $(SWEEP_SAM) --metric test/giou $(SAM_KEYS)
