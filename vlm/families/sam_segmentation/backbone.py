@@ -14,12 +14,11 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import hydra
 import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
-from vlm.core.builder import select_index
+from vlm.core.builder import build_parts
 from vlm.core.recipes import is_frozen
 from vlm.core.zoo.llms import decoder_layers
 from vlm.core.zoo.registry import ImageSpec
@@ -136,24 +135,11 @@ class SeparateBackbone(Backbone):
 
     @classmethod
     def build(
-        cls,
-        tokenizer: Any,
-        image_token_id: int,
-        vision_tower: dict,
-        llm: dict,
-        connector: dict,
-        select_layer: int = -2,
+        cls, tokenizer: Any, vision_tower: dict, llm: dict, connector: dict, select_layer: int = -2
     ) -> SeparateBackbone:
-        tower = hydra.utils.instantiate(vision_tower)
-        lm = hydra.utils.instantiate(llm, vocab_size=len(tokenizer))
-        make = hydra.utils.instantiate(connector)
-        return cls(
-            tower,
-            make(tower.hidden_size, lm.config.hidden_size),
-            lm,
-            image_token_id,
-            select_index(select_layer, tower),
-        )
+        """Tower, LLM and connector as every LLaVA-style family builds them (``build_parts``)."""
+        p = build_parts(tokenizer, vision_tower, llm, connector, select_layer)
+        return cls(p.tower, p.connector(), p.llm, p.image_token_id, p.select_index)
 
     @property
     def image_spec(self) -> ImageSpec:

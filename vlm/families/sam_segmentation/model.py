@@ -106,9 +106,7 @@ class SamSegmenter(VLMModel):
                 f"vlm names {vlm.get('name')!r} but mode=separate builds encoder + llm: add mode=vlm"
             )
         if mode == "separate":
-            backbone = SeparateBackbone.build(
-                tokenizer, image_token, vision_tower, llm, connector, select_layer
-            )
+            backbone = SeparateBackbone.build(tokenizer, vision_tower, llm, connector, select_layer)
         elif not vlm:
             raise ValueError("mode=vlm needs a VLM: vlm=<preset> (conf/vlm) or vlm.name=<hub id>")
         else:
