@@ -97,12 +97,18 @@ def test_tiny_preset_builds_every_tower(name):
 @pytest.mark.parametrize(
     "name", ["tiny_clip", "tiny_siglip", "tiny_dinov2", "tiny_timm_vit", "tiny_hybrid_vit"]
 )
-def test_every_tower_parameter_gets_a_gradient(name):
-    """Heads, final norms and mask tokens are dropped: an unfrozen tower under DDP has no
-    parameter that stays without a gradient."""
+def test_every_tower_parameter_gets_a_gradient_or_is_never_run(name):
+    """Heads, final norms and mask tokens stay (the hub checkpoint's keys) but are never run:
+    every other parameter gets a gradient, and those are exactly what ``never_run`` names,
+    which recipes keep frozen so an unfrozen tower under DDP waits for no gradient."""
     tower = build_vision_tower(name)
     tower(_image(tower.image_spec.size, batch=1))[-1].sum().backward()
-    assert [n for n, p in tower.named_parameters() if p.grad is None] == []
+    pieces = tower.never_run()
+    never = {id(p) for x in pieces for p in ([x] if isinstance(x, torch.nn.Parameter) else x.parameters())}
+    assert [n for n, p in tower.named_parameters() if p.grad is None and id(p) not in never] == []
+    assert all(p.grad is None for p in tower.parameters() if id(p) in never)
+    if name in ("tiny_clip", "tiny_siglip"):
+        assert tower.model.post_layernorm in pieces
 
 
 def test_tiny_overrides_and_image_size():
@@ -176,8 +182,8 @@ REAL_TOWERS = {  # name: (params in millions, depth, width, patches at the defau
     "clip_vit_l14": (303.2, 24, 1024, 256),
     "clip_vit_l14_336": (303.5, 24, 1024, 576),
     "tinyclip_vit_40m": (39.4, 12, 512, 49),
-    "siglip_b16": (85.8, 12, 768, 196),  # without the attention-pool head
-    "siglip_so400m": (413.0, 27, 1152, 729),
+    "siglip_b16": (92.9, 12, 768, 196),  # with the attention-pool head (kept, never run)
+    "siglip_so400m": (428.2, 27, 1152, 729),
     "dinov2_b": (86.6, 12, 768, 256),  # 224 px, patch 14 -> 16x16
     "dinov2_l": (304.4, 24, 1024, 256),
 }

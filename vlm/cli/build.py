@@ -10,11 +10,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from vlm.core import hf_llava
 from vlm.core.checkpoint import checkpoint_tokenizer
 from vlm.core.lit_module import VLMLitModule
+from vlm.runtime.errors import ConfigError
 
 
 def build_tokenizer(
@@ -27,13 +29,29 @@ def build_tokenizer(
     trained embeddings.
     """
     init_from = cfg.get("stage", {}).get("init_from")
-    if init_from:
+    if hf_llava.is_hf(init_from):
+        tokenizer = hf_llava.tokenizer(init_from)
+    elif init_from:
         tokenizer = checkpoint_tokenizer(init_from)
     else:
         tokenizer = hydra.utils.instantiate(cfg.tokenizer, corpus=list(corpus))
     if output_dir:
         tokenizer.save_pretrained(Path(output_dir) / "tokenizer")
     return tokenizer
+
+
+def with_hf_architecture(cfg: DictConfig) -> DictConfig:
+    """``stage.init_from=hf:<folder or hub id>``: the llava family's encoder, LLM, connector,
+    layer selection and tokenizer become the checkpoint's, whatever the config chose."""
+    init_from = OmegaConf.select(cfg, "stage.init_from", default=None)
+    if not hf_llava.is_hf(init_from):
+        return cfg
+    target = OmegaConf.select(cfg, "family.model._target_", default=None)
+    if target != "vlm.core.llava.LlavaModel":
+        raise ConfigError(f"stage.init_from={init_from} initialises family=llava, not {target}")
+    for key, value in hf_llava.run_config(init_from).items():
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    return cfg
 
 
 def build_module(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> VLMLitModule:

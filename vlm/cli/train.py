@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.cli.build import build_module, build_tokenizer
+from vlm.cli.build import build_module, build_tokenizer, with_hf_architecture
 from vlm.cli.common import CONFIG_DIR, quote_numeric_options, unknown_option
 from vlm.runtime.config_io import print_config_tree, save_resolved_config
 from vlm.runtime.errors import said_in_one_line
@@ -41,6 +41,7 @@ def build(cfg: DictConfig, output_dir: str | None = None):
 def train(cfg: DictConfig) -> dict[str, float]:
     started = time.monotonic()
     output_dir = cfg.paths.output_dir
+    cfg = with_hf_architecture(cfg)
     print_config_tree(cfg)
     save_resolved_config(cfg, output_dir)
     validate(cfg)  # before anything is generated, read, trained or loaded

@@ -14,7 +14,7 @@ so random init is reproducible and a family's ``from_config`` only adds its own 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +28,25 @@ from vlm.core.tokenizer import IMAGE_TOKEN
 
 
 def select_index(select_layer: int, tower: nn.Module) -> int:
-    """``select_layer`` (1..N, or -1..-N from the end) as a hidden-state index: 0 is the
-    embeddings, ``i`` the output of block ``i``."""
+    """``select_layer`` (0..N, or -1..-(N+1) from the end, as HF's ``hidden_states``) as a
+    hidden-state index: 0 is the embeddings, ``i`` the output of block ``i``."""
     depth = tower.depth
     index = select_layer if select_layer >= 0 else depth + 1 + select_layer
-    if not 0 < index <= depth:
+    if not 0 <= index <= depth:
         raise ValueError(
             f"select_layer={select_layer} is outside the {depth}-block encoder "
-            f"'{tower.name}' (valid: 1..{depth} or -1..-{depth})"
+            f"'{tower.name}' (valid: 0..{depth} or -1..-{depth + 1}; 0 is the embeddings)"
         )
     return index
+
+
+def select_indices(select_layer: int | Sequence[int], tower: nn.Module) -> tuple[int, ...]:
+    """One ``select_layer`` or a list of them (as HF LLaVA's ``vision_feature_layer``: the
+    states concatenated along channels, in the order given), as hidden-state indices."""
+    layers = [select_layer] if isinstance(select_layer, int) else list(select_layer)
+    if not layers:
+        raise ValueError("select_layer is an empty list: give one layer or several, e.g. [-2] or [3, 18, -2]")
+    return tuple(select_index(layer, tower) for layer in layers)
 
 
 @dataclass
@@ -45,7 +54,7 @@ class LlavaParts:
     tower: nn.Module
     llm: nn.Module
     image_token_id: int
-    select_index: int
+    select_indices: tuple[int, ...]
     select_feature: str
     make_connector: Callable[[int, int], nn.Module] | None
 
@@ -53,9 +62,22 @@ class LlavaParts:
     def llm_width(self) -> int:
         return self.llm.config.hidden_size
 
+    @property
+    def select_index(self) -> int:
+        """The one state read, for families whose base feature is a single layer."""
+        if len(self.select_indices) > 1:
+            raise ValueError(
+                f"select_layer={list(self.select_indices)} concatenates several layers, which the "
+                "llava family does (HF LLaVA's list vision_feature_layer); this family reads one base layer"
+            )
+        return self.select_indices[0]
+
     def connector(self, in_dim: int | None = None) -> nn.Module:
-        """The configured connector from ``in_dim`` (default: the tower's width) to the LLM's."""
-        return self.make_connector(in_dim or self.tower.hidden_size, self.llm_width)
+        """The configured connector from ``in_dim`` (default: the tower's width times the
+        layers read) to the LLM's."""
+        return self.make_connector(
+            in_dim or self.tower.hidden_size * len(self.select_indices), self.llm_width
+        )
 
 
 def build_parts(
@@ -63,7 +85,7 @@ def build_parts(
     vision_tower: dict,
     llm: dict,
     connector: dict | None = None,
-    select_layer: int = -2,
+    select_layer: int | Sequence[int] = -2,
     select_feature: str = "patch",
     tower: nn.Module | None = None,
 ) -> LlavaParts:
@@ -75,7 +97,7 @@ def build_parts(
         tower=tower,
         llm=lm,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        select_index=select_index(select_layer, tower),
+        select_indices=select_indices(select_layer, tower),
         select_feature=select_feature,
         make_connector=hydra.utils.instantiate(connector) if connector else None,
     )

@@ -25,7 +25,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import AutoTokenizer
 
+from vlm.core import hf_llava
 from vlm.core.classes import known_class
+from vlm.core.zoo.tower import VisionTower
 
 FORMAT = 2  # 2: plain values only; family.model names its model class; the objective is a hyper-parameter
 
@@ -113,9 +115,24 @@ def load_module(path: str | Path, base: type, map_location: str = "cpu"):
     target = known_class(ckpt["vlm"]["module"], base, f"{Path(path).name}'s module")
     tokenizer = tokenizer_from_dict(ckpt["vlm"]["tokenizer"])
     module = target(**rebuild_hparams(ckpt["hyper_parameters"]), tokenizer=tokenizer)
-    module.load_state_dict(ckpt["state_dict"])
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if unexpected or set(missing) - never_run_keys(module):
+        module.load_state_dict(ckpt["state_dict"])  # strict: torch names what does not match
     module.data_config = ckpt["vlm"].get("data")
     return module.eval()
+
+
+def never_run_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict names of what the vision towers keep but never run (heads, final norms):
+    checkpoints written before towers kept them lack them, and nothing reads them."""
+    never = {
+        id(p)
+        for tower in module.modules()
+        if isinstance(tower, VisionTower)
+        for piece in tower.never_run()
+        for p in ([piece] if isinstance(piece, torch.nn.Parameter) else piece.parameters())
+    }
+    return {name for name, p in module.named_parameters() if id(p) in never}
 
 
 def checkpoint_tokenizer(path: str | Path):
@@ -124,11 +141,19 @@ def checkpoint_tokenizer(path: str | Path):
 
 
 def load_matching(module: torch.nn.Module, path: str | Path) -> None:
-    """Initialise from an earlier stage's checkpoint (stage 2 from stage 1): every tensor whose
-    name and shape match is copied; the counts are said so a wrong file shows."""
-    state = read_checkpoint(path)["state_dict"]
+    """Initialise from an earlier stage's checkpoint (stage 2 from stage 1), or from a llava-hf
+    folder (``hf:<folder or hub id>``, :mod:`vlm.core.hf_llava`): every tensor whose name and
+    shape match is copied; the counts are said so a wrong file shows."""
+    if hf_llava.is_hf(str(path)):
+        state = {f"model.{k}": v for k, v in hf_llava.our_state_dict(str(path)).items()}
+    else:
+        state = read_checkpoint(path)["state_dict"]
     own = module.state_dict()
     match = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if hf_llava.is_hf(str(path)) and len(match) < len(state):  # the architecture was made to match
+        key = next(k for k in state if k not in match)
+        here = tuple(own[key].shape) if key in own else "no such tensor"
+        raise CheckpointError(f"init_from {path}: {key} is {tuple(state[key].shape)} there, {here} here")
     module.load_state_dict(match, strict=False)
     rank_zero_info(
         f"init_from {path}: loaded {len(match)}/{len(own)} tensors ({len(state) - len(match)} skipped)"

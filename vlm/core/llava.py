@@ -6,13 +6,14 @@ the Q-Former captioner subclass it to swap or add a part.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm.core.builder import LlavaParts, build_parts, select_index
+from vlm.core.builder import LlavaParts, build_parts, select_indices
 from vlm.core.model import VLMModel
 from vlm.core.processor import image_transform
 from vlm.core.recipes import is_frozen
@@ -23,11 +24,12 @@ from vlm.core.zoo.llms import decoder_layers
 class LlavaModel(VLMModel):
     """LLaVA-1.5 (Liu et al. 2023, Sec. 3): features of ``select_layer`` of the vision tower
     (``-2``: the penultimate block, as in LLaVA) pass the connector and replace the image
-    tokens' embeddings.
+    tokens' embeddings. A list of layers is read as HF LLaVA reads a list
+    ``vision_feature_layer``: the states concatenated along channels, in the order given.
 
     A family changes one part by passing another tower (CALM's composite) or overriding
     :meth:`encode_images` (multi-layer fusion); nothing else needs to know. ``select_layer``
-    counts blocks 1..N, or -1..-N from the end.
+    counts hidden states as HF does: 0 the embeddings, 1..N after each block, -1 the last.
     """
 
     def __init__(
@@ -36,7 +38,7 @@ class LlavaModel(VLMModel):
         connector: nn.Module,
         llm: nn.Module,
         image_token_id: int,
-        select_layer: int = -2,
+        select_layer: int | Sequence[int] = -2,
         select_feature: str = "patch",
     ):
         super().__init__()
@@ -46,8 +48,15 @@ class LlavaModel(VLMModel):
         self.connector = connector
         self.llm = llm
         self.image_token_id = image_token_id
-        self.select_index = select_index(select_layer, vision_tower)  # 0 = embeddings, i = after block i
+        self.select_indices = select_indices(select_layer, vision_tower)  # 0 = embeddings, i = after block i
         self.select_feature = select_feature
+
+    @property
+    def select_index(self) -> int:
+        """The one state read (families built on a single base layer)."""
+        if len(self.select_indices) > 1:
+            raise ValueError(f"{type(self).__name__} reads one base layer, not {list(self.select_indices)}")
+        return self.select_indices[0]
 
     @classmethod
     def from_config(
@@ -56,12 +65,14 @@ class LlavaModel(VLMModel):
         vision_tower: dict,
         llm: dict,
         connector: dict,
-        select_layer: int = -2,
+        select_layer: int | list[int] = -2,
         select_feature: str = "patch",
     ) -> LlavaModel:
         """Tower and LLM from the zoo; the connector completed with their widths."""
         p = build_parts(tokenizer, vision_tower, llm, connector, select_layer, select_feature)
-        return cls(p.tower, cls.make_connector(p), p.llm, p.image_token_id, p.select_index, p.select_feature)
+        return cls(
+            p.tower, cls.make_connector(p), p.llm, p.image_token_id, p.select_indices, p.select_feature
+        )
 
     @classmethod
     def make_connector(cls, parts: LlavaParts) -> nn.Module:
@@ -87,7 +98,14 @@ class LlavaModel(VLMModel):
     @property
     def deepest_state(self) -> int:
         """The deepest tower hidden state the model reads."""
-        return self.select_index
+        return max(self.select_indices)
+
+    def hf_llava_layout(self) -> tuple[list[int], nn.Module]:
+        """What HF's ``LlavaForConditionalGeneration`` reads: the hidden states concatenated
+        along channels (``vision_feature_layer``) and the module that is its projector. A
+        family whose features HF's class cannot compute raises ``NotExportable`` naming what
+        would export (:mod:`vlm.core.hf_llava` checks the rest: tower, projector, strategy)."""
+        return list(self.select_indices), self.connector
 
     def image_transforms(self) -> dict:
         return {"vision": image_transform(self.vision_tower.image_spec)}
@@ -120,7 +138,8 @@ class LlavaModel(VLMModel):
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, num_image_tokens, D_llm)."""
-        h = self.tower_states(pixel_values, self.select_index)[-1]  # (B, T, D_v)
+        states = self.tower_states(pixel_values, self.deepest_state)
+        h = torch.cat([states[i] for i in self.select_indices], dim=-1)  # (B, T, k * D_v)
         return self.connector(self.select(h))
 
     def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:

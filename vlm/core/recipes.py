@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from vlm.core.zoo.tower import VisionTower
+
 TUNE_TYPES = ("frozen", "full", "lora", "partial")
 
 
@@ -42,8 +44,9 @@ def keep_frozen_in_eval(parts: Iterable[nn.Module]) -> None:
 
 def apply_recipe(model: nn.Module, tune: dict) -> None:
     """``tune``: part name -> ``PartTune`` fields; parts left out are frozen. The model first
-    expands its shorthands (``resolve_tune``); modules no output depends on (``unused``) stay
-    frozen whatever the recipe says, so DDP never waits for a gradient that cannot come."""
+    expands its shorthands (``resolve_tune``); modules no output depends on (``unused``, and what
+    every vision tower inside never runs) stay frozen whatever the recipe says, so DDP never
+    waits for a gradient that cannot come."""
     tune = model.resolve_tune(dict(tune))
     parts = model.parts()
     unknown = set(tune) - set(parts)
@@ -53,6 +56,9 @@ def apply_recipe(model: nn.Module, tune: dict) -> None:
         apply_tune(part, PartTune(**(tune.get(name) or {"type": "frozen"})), model.blocks(name), name)
     for module in model.unused():
         module.requires_grad_(False)
+    for tower in (m for m in model.modules() if isinstance(m, VisionTower)):
+        for piece in tower.never_run():
+            piece.requires_grad_(False)
     if is_frozen(model):
         raise ValueError("the recipe trains nothing: every part is frozen")
     model.train(model.training)  # frozen parts to eval now: Lightning keeps the modes it finds

@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
+
+from vlm.core.tokenizer import IMAGE_TOKEN
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -82,8 +85,10 @@ class ChatTemplate:
 
     Rendering ``messages[:k]`` with the generation prompt and then ``messages[:k+1]`` gives the
     assistant header and, as the difference, exactly the reply plus its end-of-turn text,
-    whatever the template's syntax. Templates that rewrite earlier turns when a later one is
-    added (so a rendering is not a prefix of the next) are rejected with a clear error.
+    whatever the template's syntax. A template that reads content lists (a processor's, as
+    llava-hf ships) is given them: ``reads_parts`` is probed once by rendering. Templates that
+    rewrite earlier turns when a later one is added (so a rendering is not a prefix of the next)
+    are rejected with a clear error.
     """
 
     name = "chat"
@@ -102,10 +107,30 @@ class ChatTemplate:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.template_vars = template_vars or {}
+        self.reads_parts = self._reads_parts()
 
-    def _render(self, messages: list[dict], gen: bool) -> str:
-        if not messages:
-            return ""
+    def _reads_parts(self) -> bool:
+        """Whether the template drops a string message's text but renders a content list's."""
+        probe = "\x00probe\x00"
+        as_text = [{"role": "user", "content": probe}]
+        try:
+            if probe in self._apply(as_text, gen=False):
+                return False
+            return probe in self._apply([self.as_parts(as_text[0])], gen=False)
+        except (TemplateError, TypeError):  # a template that cannot take the other form at all
+            return False
+
+    @staticmethod
+    def as_parts(message: dict) -> dict:
+        """A LLaVA turn as the content list HF processors' templates read (llava-hf's: the
+        images first, then the text): ``<image>`` markers become image parts."""
+        text = message["content"]
+        n_images = text.count(IMAGE_TOKEN)
+        rest = text.replace(IMAGE_TOKEN, "").strip("\n") if n_images else text
+        parts = [{"type": "image"}] * n_images + ([{"type": "text", "text": rest}] if rest else [])
+        return {"role": message["role"], "content": parts}
+
+    def _apply(self, messages: list[dict], gen: bool) -> str:
         return self.tokenizer.apply_chat_template(
             messages,
             tokenize=False,
@@ -113,6 +138,11 @@ class ChatTemplate:
             chat_template=self.chat_template,
             **self.template_vars,
         )
+
+    def _render(self, messages: list[dict], gen: bool) -> str:
+        if not messages:
+            return ""
+        return self._apply([self.as_parts(m) for m in messages] if self.reads_parts else messages, gen)
 
     def segments(self, turns: list[dict], add_generation_prompt: bool = False) -> list[Segment]:
         messages = to_messages(turns)

@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.core import hf_llava
 from vlm.core.checkpoint import CheckpointError, read_checkpoint, without_pretrained
 from vlm.core.zoo.hub import require_local, weights_hub_id
 from vlm.runtime.errors import ConfigError, expected_error, message, unwrapped
@@ -89,7 +90,9 @@ def check_precision(cfg: DictConfig) -> None:
 def check_checkpoints(cfg: DictConfig) -> None:
     for key in ("ckpt_path", "stage.init_from"):
         path = OmegaConf.select(cfg, key, default=None)
-        if path:
+        if key == "stage.init_from" and hf_llava.is_hf(path):
+            hf_llava.read_config(hf_llava.source_folder(path))
+        elif path:
             try:
                 read_checkpoint(path, mmap=True)
             except CheckpointError as err:

@@ -88,6 +88,8 @@ def build_vision_tower(
     pretrained: bool = False,
     preset: str = "tiny",
     image_size: int | None = None,
+    image_mean: tuple[float, float, float] | None = None,
+    image_std: tuple[float, float, float] | None = None,
     **overrides: Any,
 ) -> VisionTower:
     """Build the tower ``name`` (a registry entry or ``timm:<vit name>``).
@@ -97,7 +99,10 @@ def build_vision_tower(
     hub weights from the local HF cache (``preset`` is then ignored). ``image_size`` for
     real/pretrained changes the input resolution, interpolating position embeddings.
     ``overrides`` are config keys (timm kwargs for timm towers), plus ``attn_implementation``
-    (default "sdpa") and, when pretrained, ``dtype`` (default float32).
+    (default "sdpa") and, when pretrained, ``dtype`` (default float32). ``image_mean`` /
+    ``image_std`` replace the entry's normalisation (an imported checkpoint's processor's).
+    An entry without an architecture of its own (``clip_vision_model``) is built at the
+    ``image_size`` of its config.
     """
     entry = vision_entry(name)
     if entry.family == "timm":
@@ -110,12 +115,15 @@ def build_vision_tower(
         size = image_size or entry.image_spec.size
     else:
         arch = arch_config(entry, preset, overrides)
-        if preset == "tiny" and image_size:
+        if image_size and (preset == "tiny" or not entry.arch):  # built at the size it reads
             arch["image_size"] = image_size
         model = model_cls(config_cls(**arch, attn_implementation=attn))
-        size = image_size or (arch["image_size"] if preset == "tiny" else entry.image_spec.size)
+        native = preset == "tiny" or not entry.arch
+        size = image_size or (model.config.image_size if native else entry.image_spec.size)
     cfg = model.config
-    spec = ImageSpec(size, entry.image_spec.mean, entry.image_spec.std)
+    spec = ImageSpec(
+        size, tuple(image_mean or entry.image_spec.mean), tuple(image_std or entry.image_spec.std)
+    )
     return tower_cls(name, model, spec, cfg.hidden_size, prefix, (size // cfg.patch_size) ** 2)
 
 

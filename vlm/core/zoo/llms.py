@@ -16,12 +16,14 @@ def build_llm(
     pretrained: bool = False,
     preset: str = "tiny",
     vocab_size: int | None = None,
+    padded_vocab_size: int | None = None,
     **overrides: Any,
 ) -> PreTrainedModel:
     """Build the causal LM ``name``.
 
     Random init (``preset`` "tiny" or "real"): ``vocab_size`` sets the vocabulary, for a
-    tokenizer trained in-process. ``pretrained=True``: weights from the local HF cache
+    tokenizer trained in-process, or ``padded_vocab_size`` where that is larger (an imported
+    checkpoint's matrix padded past its tokenizer). ``pretrained=True``: weights from the local HF cache
     (``preset`` ignored); embeddings grow to ``vocab_size`` when the tokenizer gained tokens
     (``<image>``, pad), and never shrink (Qwen pads its matrix past the tokenizer).
     ``overrides`` are config keys, e.g. the tokenizer's ``bos/eos/pad_token_id``, plus
@@ -45,7 +47,7 @@ def build_llm(
         return model
     arch = arch_config(entry, preset, overrides)
     if vocab_size:
-        arch["vocab_size"] = vocab_size
+        arch["vocab_size"] = max(vocab_size, padded_vocab_size or 0)
     arch |= _ids_inside_vocab(arch, defaults)
     config = AutoConfig.for_model(entry.model_type, **arch, attn_implementation=attn)
     return AutoModelForCausalLM.from_config(config)

@@ -130,6 +130,10 @@ VISION_ENTRIES: dict[str, VisionEntry] = {
         "dinov2", ImageSpec(224, IMAGENET_MEAN, IMAGENET_STD), _dinov2(1024, 24, 16),
         "facebook/dinov2-large", TINY_DINOV2,
     ),
+    # The HF classes by model_type, their architecture given in full by the config (an imported
+    # llava-hf checkpoint's vision_config): the class defaults are only a starting point.
+    "clip_vision_model": VisionEntry("clip", ImageSpec(224, CLIP_MEAN, CLIP_STD), tiny=TINY_CLIP),
+    "siglip_vision_model": VisionEntry("siglip", ImageSpec(224, SIGLIP_MEAN, SIGLIP_STD), tiny=TINY_CLIP),
 }  # fmt: skip
 
 TIMM_PREFIX = "timm:"
@@ -233,6 +237,11 @@ LLM_ENTRIES: dict[str, LLMEntry] = {
         "gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
         "openai-community/gpt2", False, TINY_GPT2,
     ),
+    # By model_type, the architecture given in full by the config (an imported llava-hf
+    # checkpoint's text_config), as the vision entries above.
+    "llama": LLMEntry("llama", {}, tiny=TINY_LLAMA),
+    "mistral": LLMEntry("mistral", {}, tiny=TINY_LLAMA),
+    "qwen2": LLMEntry("qwen2", {}, tiny=TINY_LLAMA),
 }  # fmt: skip
 
 

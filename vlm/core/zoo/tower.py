@@ -2,8 +2,10 @@
 
 CALM, layer fusion and the dense connector read every block's output and CALM runs blocks
 one at a time, so a tower exposes ``embed`` and ``run_block``, and ``forward`` is just that
-loop. Pooling heads and final norms are removed: a tower returns hidden states only, and a
-parameter that never gets a gradient would break DDP once a recipe unfreezes the tower.
+loop. A tower returns hidden states only: pooling heads and final norms are never run. They stay
+in the module, so its state dict is the hub checkpoint's key for key (an imported LLaVA exports
+back unchanged), and recipes keep them frozen (:meth:`VisionTower.never_run`): a parameter that
+never gets a gradient would stall DDP once a recipe unfreezes the tower.
 """
 
 from torch import Tensor, nn
@@ -17,15 +19,13 @@ class VisionTower(nn.Module):
     ``model`` is the wrapped HF/timm module, kept whole so its checkpoints load unchanged.
     """
 
-    unused: tuple[str, ...] = ()  # dotted paths in ``model`` a tower never runs
+    unused: tuple[str, ...] = ()  # dotted paths in ``model`` (modules or parameters) never run
 
     def __init__(
         self, name: str, model: nn.Module, image_spec: ImageSpec, hidden_size: int,
         num_prefix_tokens: int, num_patches: int,
     ) -> None:  # fmt: skip
         super().__init__()
-        for path in self.unused:
-            _drop(model, path)
         self.name = name
         self.model = model
         self.image_spec = image_spec
@@ -36,6 +36,16 @@ class VisionTower(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         raise NotImplementedError
+
+    def never_run(self) -> list[nn.Module | nn.Parameter]:
+        """The wrapped model's pieces the block loop never reaches (``unused`` that exist)."""
+        out = []
+        for path in self.unused:
+            parent_path, _, leaf = path.rpartition(".")
+            piece = getattr(self.model.get_submodule(parent_path), leaf, None)
+            if isinstance(piece, nn.Module | nn.Parameter):
+                out.append(piece)
+        return out
 
     @property
     def depth(self) -> int:
@@ -61,13 +71,3 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
         """[h0, h1, ..., hN], each (B, T, D), as HF's ``hidden_states``."""
         return self.states(pixel_values, self.depth)
-
-
-def _drop(model: nn.Module, path: str) -> None:
-    """Replace a submodule by ``Identity`` and unset a parameter; absent paths are skipped."""
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    if isinstance(getattr(parent, leaf, None), nn.Parameter):
-        setattr(parent, leaf, None)
-    elif isinstance(getattr(parent, leaf, None), nn.Module):
-        setattr(parent, leaf, nn.Identity())

@@ -15,6 +15,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from vlm.core.builder import build_parts
+from vlm.core.hf_llava import NotExportable
 from vlm.core.llava import LlavaModel
 from vlm.core.processor import image_transform
 from vlm.core.zoo.llms import decoder_layers
@@ -88,6 +89,12 @@ class CalmModel(LlavaModel):
         if part == "llm":
             return decoder_layers(self.llm)
         return None
+
+    def hf_llava_layout(self) -> tuple[list[int], nn.Module]:
+        raise NotExportable(
+            "CALM's cross-attention composition of two towers has no place in HF's LLaVA, which reads "
+            "one tower: family=llava (or calm's CLIP-only baseline, experiment=calm_shapes_clip_only) exports"
+        )
 
     def unused(self) -> list[nn.Module]:
         """Anchor blocks past the layer read, and augmenting blocks past the deepest paired one."""

@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vlm.core.builder import LlavaParts
+from vlm.core.hf_llava import NotExportable
 from vlm.core.llava import LlavaModel
 from vlm.families.dense_connector.connectors import DenseConnector
 
@@ -39,6 +40,24 @@ class DenseConnectorModel(LlavaModel):
     @property
     def deepest_state(self) -> int:
         return max(self.select_index, self.connector.deepest) if self.dense else self.select_index
+
+    def hf_llava_layout(self) -> tuple[list[int], nn.Module]:
+        """``dense_sci`` is HF LLaVA's list ``vision_feature_layer``: the final feature, then the
+        two middle states, along channels into a Linear-GELU-Linear. ``sti`` (along tokens) and
+        ``dci`` (group means) have no place there."""
+        if not self.dense:
+            return super().hf_llava_layout()
+        if self.connector.mode != "sci":
+            how = (
+                "joins pooled states along tokens"
+                if self.connector.mode == "sti"
+                else "averages groups of states"
+            )
+            raise NotExportable(
+                f"connector=dense_{self.connector.mode} {how}, which HF's LLaVA (single hidden states "
+                "concatenated along channels) cannot: connector=dense_sci or mlp2x_gelu exports"
+            )
+        return [self.select_index, *self.connector.layers], self.connector.mlp
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         if not self.dense:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.core.builder import build_parts
+from vlm.core.hf_llava import NotExportable
 from vlm.core.llava import LlavaModel
 from vlm.core.zoo.llms import decoder_layers
 from vlm.families.layer_fusion.external import STRATEGIES as EXTERNAL
@@ -94,6 +95,26 @@ class LayerFusionModel(LlavaModel):
     @property
     def deepest_state(self) -> int:
         return max(self.select_index, self.layer_set.deepest)
+
+    def hf_llava_layout(self) -> tuple[list[int], nn.Module]:
+        """E_D over single blocks is HF LLaVA's list ``vision_feature_layer``: the set's states,
+        then the base feature, concatenated along channels into the projector. Group means
+        (``former``, ``latter``) and the modular and internal strategies have no place there."""
+        fix = "fusion=E_D with a set of single blocks (layers=18, 3-18 or 3-18-23) exports"
+        if self.fusion.__class__ is not ExternalFusion or self.fusion.strategy != "E_D":
+            where = "inside the LLM" if self.internal else "a learned fusion module"
+            raise NotExportable(
+                f"fusion={self._strategy()} puts {where} that HF's LLaVA does not have: {fix}"
+            )
+        if any(len(g) > 1 for g in self.layer_set.groups):
+            raise NotExportable(
+                f"layers={self.layer_set.name} averages groups of blocks, which HF's LLaVA (single "
+                f"hidden states concatenated along channels) cannot: {fix}"
+            )
+        return [*self.layer_set.blocks, self.select_index], self.connector
+
+    def _strategy(self) -> str:
+        return getattr(self.fusion, "strategy", type(self.fusion).__name__)
 
     def monitor_values(self) -> dict:
         """``fusion/gate_<name>``: tanh of each modular gate; one still at zero late in training
