@@ -1,4 +1,5 @@
-"""ShapesWorld: a seeded generator that writes LLaVA, COCO and refCOCO files to disk.
+"""ShapesWorld: a seeded generator that writes LLaVA, COCO and refCOCO files to disk, and its
+test split as VQAv2, GQA, POPE and MME files (benchmarks/).
 
 The default run needs data without a network; writing the real formats means it
 goes through the same readers as real data. Each image draws from its own RNG
@@ -12,12 +13,14 @@ import fcntl
 import json
 import pickle
 import random
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .benchmarks import benchmark_root, write_benchmarks
 from .questions import DEFAULT_QTYPES, QTYPES, ask, ask_many, captions, pair_caption, side
 from .scene import COLORS, SHAPES, render, sample_scene
 from .writers import (
@@ -30,7 +33,9 @@ from .writers import (
     png_bytes,
 )
 
-VERSION = 3  # 2: a conversation asks nothing its earlier turns answer; 3: typed refs in refs(shapes).p
+# 2: a conversation asks nothing its earlier turns answer; 3: typed refs in refs(shapes).p;
+# 4: benchmarks/ (the test split as VQAv2, GQA, POPE and MME files)
+VERSION = 4
 SPLITS = ("train", "val", "test")
 IMAGE = "<image>"
 PAIR_ORDERS = ("left_to_right", "random")
@@ -45,6 +50,7 @@ class ShapesWorldConfig:
     hold one question per record, one record per eligible question type per image.
     `train_turns`: turns a type takes per round of the train questions ({position: 3}: up
     to three left/right turns where the scene has them; others 1); val/test are unchanged.
+    `benchmarks`: also write the test split as the benchmarks' published files (benchmarks/).
     """
 
     root: str = "data/shapesworld"
@@ -66,6 +72,7 @@ class ShapesWorldConfig:
     pretrain_qtypes: tuple[str, ...] = ()
     pretrain_caption_side: bool = False
     pretrain_pair_order: str = "left_to_right"
+    benchmarks: bool = True
 
     def __post_init__(self) -> None:
         self.train_turns = dict(self.train_turns or {})  # null in a config: every type 1
@@ -253,6 +260,11 @@ def generate(cfg: ShapesWorldConfig) -> Path:
             }
             if split == "train":
                 _write_pretrain(cfg, root, entries)
+            if split == "test":
+                shutil.rmtree(benchmark_root(root), ignore_errors=True)  # nothing left from an earlier config
+                if cfg.benchmarks:
+                    colors, shapes = list(cfg.colors), list(cfg.shapes)
+                    write_benchmarks(root, entries, records, cfg.seed, colors, shapes, cfg.max_shapes)
         atomic_write_json(root / "dataset_coco.json", karpathy(all_entries))
         instances, refs = instances_and_refs(all_entries, list(cfg.shapes))
         atomic_write_json(root / "refs" / "instances.json", instances)

@@ -73,7 +73,8 @@ def captions(scene: list[Shape], rng: random.Random) -> list[str]:
     ]
 
 
-def _unique(scene: list[Shape], key: Callable[[Shape], object]) -> list[Shape]:
+def unique(scene: list[Shape], key: Callable[[Shape], object]) -> list[Shape]:
+    """The shapes whose key no other shape shares: the ones "the <key>" names unambiguously."""
     counts = Counter(key(s) for s in scene)
     return [s for s in scene if counts[key(s)] == 1]
 
@@ -96,15 +97,15 @@ def _ask(
     if qtype == "count":
         return "How many shapes are there?", str(len(scene)), ()
     if qtype == "color":
-        pool = _unique(scene, lambda s: s.shape)
+        pool = unique(scene, lambda s: s.shape)
         s = rng.choice(pool) if pool else None
         return (f"What color is the {s.shape}?", s.color, ()) if s else None
     if qtype == "shape":
-        pool = _unique(scene, lambda s: s.color)
+        pool = unique(scene, lambda s: s.color)
         s = rng.choice(pool) if pool else None
         return (f"What shape is the {s.color} object?", s.shape, ()) if s else None
     if qtype == "position":
-        named = _unique(scene, name)
+        named = unique(scene, name)
         pairs = [(a, b) for a in named for b in named if left_of(a, b) or left_of(b, a)]
         if not pairs:
             return None
@@ -116,7 +117,7 @@ def _ask(
             (name(a), name(b), a_left),
         )
     if qtype == "side":  # one object's half: the left/right of one shape, without a second
-        pool = [(s, half) for s in _unique(scene, name) if (half := clear_side(s, size))]
+        pool = [(s, half) for s in unique(scene, name) if (half := clear_side(s, size))]
         if not pool:
             return None
         s, half = rng.choice(pool)
@@ -205,18 +206,18 @@ def referring_expressions(s: Shape, scene: list[Shape]) -> list[tuple[str, str]]
     named anchor and it is clearly left of it. reasoning: most/fewest corners (a circle has
     none), largest/smallest by a clear margin of area."""
     out = []
-    if s in _unique(scene, name):
+    if s in unique(scene, name):
         out.append(("attribute", f"the {name(s)}"))
-    if s in _unique(scene, lambda o: o.shape):
+    if s in unique(scene, lambda o: o.shape):
         out.append(("attribute", f"the {s.shape}"))
-    if s in _unique(scene, lambda o: o.color):
+    if s in unique(scene, lambda o: o.color):
         out.append(("attribute", f"the {s.color} shape"))
     others = [o for o in scene if o is not s]
     if others and all(left_of(s, o) for o in others):
         out.append(("spatial", "the leftmost shape"))
     if others and all(left_of(o, s) for o in others):
         out.append(("spatial", "the rightmost shape"))
-    for anchor in _unique(scene, name):
+    for anchor in unique(scene, name):
         rest = [o for o in scene if o is not anchor]
         if [o for o in rest if o.cx < anchor.cx] == [s] and left_of(s, anchor):
             out.append(("spatial", f"the shape left of the {name(anchor)}"))

@@ -41,14 +41,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, separators=(",", ":")).encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def png_bytes(img: Image.Image) -> bytes:
     """PNG at compression level 1: the files are tiny anyway and encoding dominates generation time."""
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def jpeg_bytes(img: Image.Image) -> bytes:
+    """JPEG at quality 95 without chroma subsampling: with PIL's default 4:2:0 the colour of a
+    64 px scene's shape edges shifts by up to 126/255; 4:4:4 keeps every shape pixel nearest
+    its own palette colour (the benchmarks' published images are JPEG)."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, subsampling=0)
     return buf.getvalue()
 
 
