@@ -49,13 +49,17 @@ def compose_error(overrides: list[str]) -> str:
 USER_FILLS = {("layers", "custom"): "layers.blocks"}  # options that ask for a value (???)
 
 
+EVAL_GROUPS = ("benchmark",)  # composed by eval.yaml, not train.yaml (tests/test_benchmarks.py)
+
+
 def group_options() -> list[tuple[str, str]]:
-    """(group, option) for every YAML under conf/ subfolders; `_`-names are schemas, not options."""
+    """(group, option) for every YAML under conf/ subfolders that train.yaml composes;
+    `_`-names are schemas, not options."""
     root = Path(CONFIG_DIR)
     found = []
     for path in sorted(root.rglob("*.yaml")):
         group = path.parent.relative_to(root).as_posix()
-        if group != "." and not path.stem.startswith("_"):
+        if group != "." and group not in EVAL_GROUPS and not path.stem.startswith("_"):
             found.append((group, path.stem))
     return found
 

@@ -158,6 +158,14 @@ class VLMLitModule(Known, L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "test", dataloader_idx)
 
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list]:
+        """The generated text of each prompt with its sample's id (``Trainer.predict`` over a
+        benchmark's prompts, as ``vlm-eval benchmark=...`` runs it); a batch whose every sample
+        was skipped gives none."""
+        if not batch:
+            return {"id": [], "text": []}
+        return {"id": list(batch["id"]), "text": self.generate(batch)}
+
     def _evaluate(self, batch: dict, split: str, loader: int) -> None:
         """The teacher-forced loader gives the loss; the prompt loader what the objective scores."""
         if not batch:
