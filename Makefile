@@ -10,6 +10,8 @@ STAMP := $(VENV)/.vlm-setup.stamp
 # torch/torchvision pins, read from pyproject.toml so there is one source of truth.
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
+# Installed without its dependencies: pyproject.toml lists those it needs (see the comment there).
+LMMS_EVAL := lmms-eval==0.7.3
 
 .PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam bench-gpu-dense test test-full prove-resume lint bench clean
 
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install $(TORCH_PINS)
 	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --no-deps $(LMMS_EVAL)
 	touch $@
 
 setup: $(STAMP) ## Create the venv and install the package with dev tools (once; again when pyproject changes)
