@@ -13,7 +13,7 @@ ARGS ?=
 # Installed without its dependencies: pyproject.toml lists those it needs (see the comment there).
 LMMS_EVAL := lmms-eval==0.7.3
 
-.PHONY: help setup train sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam bench-gpu-dense test test-full prove-resume lint bench clean
+.PHONY: help setup train eval sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam bench-gpu-dense test test-full prove-resume lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,21 @@ train: setup ## Train the default experiment, stages 1, 1b and 2 (ARGS='<overrid
 	$(BIN)/vlm-train experiment=llava_shapes hydra.run.dir=$(RUN)/stage2 \
 		stage.init_from=$(RUN)/stage1b/checkpoints/last.ckpt $(ARGS)
 	@echo "checkpoint: $(RUN)/stage2/checkpoints/last.ckpt"
+
+# The default checkpoint (the newest `make train` stage-2 best, or CKPT=<path.ckpt>) on every
+# benchmark its ShapesWorld writes in a published layout: VQAv2, GQA, POPE, MME, through the same
+# readers and official scorers as the real ones (vlm.eval), asked the bare question as in
+# training; then the rows as one table, and lmms-eval's own run of the same test questions.
+CKPT ?= $(lastword $(sort $(wildcard logs/llava_shapes/*/stage2/checkpoints/best-*.ckpt)))
+EVAL := logs/eval/$(shell date +%Y-%m-%d_%H-%M-%S)
+EMBEDDED := vqav2 gqa pope mme
+eval: setup ## Score the default checkpoint (CKPT=...) on every embedded benchmark: one table
+	@test -n "$(CKPT)" || { echo "make eval: no logs/llava_shapes/*/stage2 checkpoint: run make train, or CKPT=<path.ckpt>"; exit 1; }
+	for b in $(EMBEDDED); do \
+		$(BIN)/vlm-eval ckpt=$(CKPT) benchmark=$$b "benchmark.prompt_suffix=''" out_dir=$(EVAL)/$$b $(ARGS) || exit 1; \
+	done
+	@{ echo "| benchmark | split | n | figures |"; echo "|---|---|---|---|"; \
+		cat $(foreach b,$(EMBEDDED),$(EVAL)/$(b)/row.md); } | tee $(EVAL)/table.md
 
 # CALM's ablation (sweeps/calm_layers_heads.yaml, 48 jobs) and its CLIP-only baseline in one
 # folder, then the table: every job, and test accuracy by layers x fusion (mean over heads).

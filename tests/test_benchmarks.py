@@ -421,3 +421,28 @@ def test_vlm_eval_benchmark_writes_predictions_score_row_and_a_wandb_run(trained
     assert (folder / "row.md").read_text() == f"| vqav2 | val2014 | 4 | accuracy {recomputed:.4f} |\n"
     assert len(json.loads((folder / "submission.json").read_text())) == 5
     assert list((folder / "wandb").glob("offline-run-*"))
+
+
+def test_vlm_eval_without_a_root_scores_the_checkpoints_own_shapesworld(trained_run, shapesworld, tmp_path):
+    """No ``benchmark.root``: the checkpoint's ShapesWorld test split in POPE's layout, all three
+    splits; the figures are the scorer's on the predictions written. A benchmark ShapesWorld does
+    not write is one line."""
+    out, _ = trained_run
+    ckpt = f"ckpt={out / 'checkpoints' / 'last.ckpt'}"
+    args = [ckpt, "benchmark=pope", "benchmark.prompt_suffix=''", "wandb=false", f"out_dir={tmp_path / 'r'}"]
+    proc = cli("vlm-eval", args, tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    score = json.loads((tmp_path / "r" / "score.json").read_text())
+    root = shapesworld_root(shapesworld) / "benchmarks" / "pope"
+    assert (score["split"], score["skipped"]) == ("all", 0)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "predictions.jsonl").read_text().splitlines()]
+    assert (
+        score["items"]
+        == len(rows)
+        == sum(len(p.read_text().splitlines()) for p in root.glob("coco_pope_*.json"))
+    )
+    recomputed = POPE(root, "all", prompt_suffix="").score({r["id"]: r["prediction"] for r in rows})
+    assert score["scores"] == pytest.approx(recomputed)
+    proc = cli("vlm-eval", [ckpt, "benchmark=textvqa"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith("set benchmark.root=<folder>")

@@ -20,9 +20,11 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.cli.common import CONFIG_DIR
+from vlm.core.checkpoint import read_checkpoint
 from vlm.core.lit_module import VLMLitModule
 from vlm.eval.base import Benchmark
 from vlm.eval.benchmarks import build_benchmark
+from vlm.eval.embedded import embedded
 from vlm.eval.outputs import write_outputs
 from vlm.eval.runner import generate_answers
 from vlm.runtime.errors import said_in_one_line
@@ -71,8 +73,10 @@ def evaluate_benchmark(
     score, write the files; (benchmark, score header, figures, written paths)."""
     options = OmegaConf.to_container(cfg.benchmark, resolve=True)
     name, on_bad_sample = options.pop("name"), options.pop("on_bad_sample")
-    if not options.get("root"):
-        raise SystemExit(f"vlm-eval: set benchmark.root=<the folder holding the {name} files>")
+    if not options.get("root"):  # the checkpoint's own ShapesWorld, written in this benchmark's layout
+        data = read_checkpoint(cfg.ckpt, mmap=True)["vlm"].get("data")
+        check_targets(OmegaConf.create({"data": data}))
+        options["root"], options["split"] = embedded(name, data)
     benchmark = build_benchmark(name, **options)
     items = benchmark.items()
     module = VLMLitModule.from_checkpoint(cfg.ckpt)
