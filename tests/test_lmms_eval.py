@@ -1,5 +1,5 @@
 """``lmms-eval --model vlm_lab`` on the shared short trained run (``trained_run`` in conftest):
-the real console script through our plugin and task, checked against our own generation."""
+the real console script through our entry point and task, checked against our own generation."""
 
 import json
 from pathlib import Path
@@ -7,24 +7,25 @@ from pathlib import Path
 import pytest
 import torch
 from lmms_eval.api.instance import Instance
+from lmms_eval.models.registry_v2 import ModelRegistryV2
 from PIL import Image
 from runs import cli, one_thread, shapesworld_root
 
-import vlm.eval.lmms
+import vlm.eval.lmms.tasks
 from vlm.core.lit_module import VLMLitModule
 from vlm.core.metrics import normalize_answer
 from vlm.core.tokenizer import IGNORE_INDEX
 from vlm.eval.lmms.models.vlm_lab import VLMLab
 
-TASKS = Path(vlm.eval.lmms.__file__).parent / "tasks"
+TASKS = Path(vlm.eval.lmms.tasks.__path__[0])
 LIMIT = 24
 
 
 @pytest.fixture
 def plugin_env(shapesworld, tmp_path, monkeypatch):
-    """What the README's command sets: the plugin, the ShapesWorld folder, offline HF datasets
-    (their cache in tmp)."""
-    monkeypatch.setenv("LMMS_EVAL_PLUGINS", "vlm.eval.lmms")
+    """What the README's command sets: the ShapesWorld folder, offline HF datasets (their cache in
+    tmp); no ``LMMS_EVAL_PLUGINS``, so ``vlm_lab`` comes from the entry point alone."""
+    monkeypatch.delenv("LMMS_EVAL_PLUGINS", raising=False)
     monkeypatch.setenv("SHAPESWORLD_DIR", str(shapesworld_root(shapesworld)))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
@@ -33,6 +34,14 @@ def plugin_env(shapesworld, tmp_path, monkeypatch):
 def lmms_eval(model_args: str, cwd: Path, *extra: str):
     args = ["--model", "vlm_lab", "--model_args", model_args, "--include_path", str(TASKS)]
     return cli("lmms-eval", [*args, "--tasks", "shapesworld_vqa", *extra], cwd, timeout=240)
+
+
+def test_vlm_lab_is_registered_by_the_installed_entry_point():
+    """lmms-eval's own loader of the ``lmms_eval.models`` group alone finds ``vlm_lab`` (missing:
+    the venv's install predates the entry point; ``pip install -e . --no-deps``)."""
+    registry = ModelRegistryV2()
+    registry.load_entrypoint_manifests()
+    assert registry.get_model_class("vlm_lab") is VLMLab
 
 
 def prompt(module: VLMLitModule, image: Image.Image, record: dict) -> dict:

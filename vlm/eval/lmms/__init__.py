@@ -1,4 +1,4 @@
-"""vlm-lab as an lmms-eval plugin, with no edit of lmms-eval: ``LMMS_EVAL_PLUGINS=vlm.eval.lmms``
-makes it import ``models`` (whose ``AVAILABLE_MODELS`` adds ``--model vlm_lab``), and ``tasks``
-holds task YAMLs in its format (``--include_path vlm/eval/lmms/tasks``: lmms-eval 0.7.3 adds a
-plugin's tasks only after it has looked the task names up)."""
+"""vlm-lab as an lmms-eval plugin, with no edit of lmms-eval: the installed package's
+``lmms_eval.models`` entry point adds ``--model vlm_lab`` (``models``), and ``tasks`` holds task
+YAMLs in lmms-eval's format, passed as ``--include_path`` (lmms-eval 0.7.3 has no entry-point
+group for tasks)."""
