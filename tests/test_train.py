@@ -253,7 +253,8 @@ def test_select_layer_past_the_encoder_depth_fails_with_the_reason(shapesworld, 
     args = [*cli_train_args(shapesworld, tmp_path / "logs"), "family.model.select_layer=9"]
     proc = cli("vlm-train", args, tmp_path, timeout=120)
     assert proc.returncode != 0
-    reason = "select_layer=9 is outside the 2-block encoder 'tiny_clip' (valid: 0..2 or -1..-3; 0 is the embeddings)"
+    reason = "select_layer=9 is outside the 2-block encoder 'tiny_clip' (valid: 0..2 or -1..-3; 0 is the "
+    reason += "embeddings)"
     assert reason in proc.stderr
 
 
