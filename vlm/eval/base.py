@@ -137,10 +137,14 @@ def answer_list(rec: dict, path: Path, i: int, key: str = "answer") -> list[str]
     return [str(a[key]) for a in answers]
 
 
-def group_means(pairs: Iterable[tuple[str, float]], prefix: str) -> dict[str, float]:
-    """``{f"{prefix}/{group}": mean}`` over (group, value) pairs; "/" in a group name becomes "_"
-    (VQAv2's "yes/no") so the key stays one level deep."""
+def accuracy_by_group(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    """``accuracy``, the mean over (group, value) pairs, and ``accuracy/<group>`` per group;
+    {} when nothing was scored. "/" in a group name becomes "_" (VQAv2's "yes/no") so the key
+    stays one level deep."""
+    if not pairs:
+        return {}
     groups: dict[str, list[float]] = defaultdict(list)
     for group, value in pairs:
         groups[str(group).replace("/", "_")].append(value)
-    return {f"{prefix}/{g}": sum(v) / len(v) for g, v in sorted(groups.items())}
+    by_group = {f"accuracy/{g}": sum(v) / len(v) for g, v in sorted(groups.items())}
+    return {"accuracy": sum(v for _, v in pairs) / len(pairs), **by_group}

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from vlm.core.metrics import normalize_answer
-from vlm.eval.base import Benchmark, BenchmarkError, Item, group_means, load_json
+from vlm.eval.base import Benchmark, BenchmarkError, Item, accuracy_by_group, load_json
 
 
 class GQA(Benchmark):
@@ -45,9 +45,7 @@ class GQA(Benchmark):
             (it.meta["structural"], float(normalize_answer(p) == normalize_answer(it.answer)))
             for it, p in self.answered(predictions)
         ]
-        if not scored:
-            return {}
-        return {"accuracy": sum(a for _, a in scored) / len(scored), **group_means(scored, "accuracy")}
+        return accuracy_by_group(scored)
 
     def submission(self, predictions: dict[str, str]) -> list[dict]:
         """``[{"questionId", "prediction"}]``, the predictions file GQA's eval.py and server read."""

@@ -10,7 +10,7 @@ Each image carries one question, so the image's file name is the item's id.
 from __future__ import annotations
 
 from vlm.core.metrics import normalize_answer
-from vlm.eval.base import Benchmark, Item, answer_list, group_means, load_json, records
+from vlm.eval.base import Benchmark, Item, accuracy_by_group, answer_list, load_json, records
 from vlm.eval.consensus import consensus_accuracy
 
 UNANSWERABLE = (
@@ -46,9 +46,7 @@ class VizWiz(Benchmark):
             (it.meta["answer_type"], consensus_accuracy(normalize_answer(p), it.answer))
             for it, p in self.answered(predictions)
         ]
-        if not scored:
-            return {}
-        return {"accuracy": sum(a for _, a in scored) / len(scored), **group_means(scored, "accuracy")}
+        return accuracy_by_group(scored)
 
     def submission(self, predictions: dict[str, str]) -> list[dict]:
         """``[{"image", "answer"}]``, the upload format of the VizWiz challenge on EvalAI."""

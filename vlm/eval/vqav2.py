@@ -13,7 +13,7 @@ submission file is what the server takes.
 from __future__ import annotations
 
 from vlm.core.metrics import clean_answer, normalize_answer
-from vlm.eval.base import Benchmark, BenchmarkError, Item, answer_list, group_means, load_json, records
+from vlm.eval.base import Benchmark, BenchmarkError, Item, accuracy_by_group, answer_list, load_json, records
 from vlm.eval.consensus import consensus_accuracy
 
 
@@ -74,9 +74,7 @@ class VQAv2(Benchmark):
             (it.meta["answer_type"], vqav2_accuracy(normalize_answer(p), it.answer))
             for it, p in self.answered(predictions)
         ]
-        if not scored:
-            return {}
-        return {"accuracy": sum(a for _, a in scored) / len(scored), **group_means(scored, "accuracy")}
+        return accuracy_by_group(scored)
 
     def submission(self, predictions: dict[str, str]) -> list[dict]:
         """``[{"question_id", "answer"}]``, the upload format of the VQA challenge on EvalAI; a
