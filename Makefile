@@ -42,10 +42,12 @@ train: setup ## Train the default experiment, stages 1, 1b and 2 (ARGS='<overrid
 # The default checkpoint (the newest `make train` stage-2 best, or CKPT=<path.ckpt>) on every
 # benchmark its ShapesWorld writes in a published layout: VQAv2, GQA, POPE, MME, through the same
 # readers and official scorers as the real ones (vlm.eval), asked the bare question as in
-# training; then the rows as one table, and lmms-eval's own run of the same test questions.
+# training; then the rows as one table, and lmms-eval's own run of the test questions of the
+# default run's data set (SHAPES).
 CKPT ?= $(lastword $(sort $(wildcard logs/llava_shapes/*/stage2/checkpoints/best-*.ckpt)))
 EVAL := logs/eval/$(shell date +%Y-%m-%d_%H-%M-%S)
 EMBEDDED := vqav2 gqa pope mme
+SHAPES ?= data/shapesworld/llava_shapes
 eval: setup ## Score the default checkpoint (CKPT=...) on every embedded benchmark: one table
 	@test -n "$(CKPT)" || { echo "make eval: no logs/llava_shapes/*/stage2 checkpoint: run make train, or CKPT=<path.ckpt>"; exit 1; }
 	for b in $(EMBEDDED); do \
@@ -53,6 +55,9 @@ eval: setup ## Score the default checkpoint (CKPT=...) on every embedded benchma
 	done
 	@{ echo "| benchmark | split | n | figures |"; echo "|---|---|---|---|"; \
 		cat $(foreach b,$(EMBEDDED),$(EVAL)/$(b)/row.md); } | tee $(EVAL)/table.md
+	SHAPESWORLD_DIR=$(SHAPES) HF_DATASETS_OFFLINE=1 $(BIN)/lmms-eval --model vlm_lab \
+		--model_args ckpt=$(CKPT) --include_path vlm/eval/lmms/tasks --tasks shapesworld_vqa \
+		--batch_size 32 --output_path $(EVAL)/lmms_eval
 
 # CALM's ablation (sweeps/calm_layers_heads.yaml, 48 jobs) and its CLIP-only baseline in one
 # folder, then the table: every job, and test accuracy by layers x fusion (mean over heads).
