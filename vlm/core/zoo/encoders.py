@@ -115,10 +115,10 @@ def build_vision_tower(
         size = image_size or entry.image_spec.size
     else:
         arch = arch_config(entry, preset, overrides)
-        if image_size and (preset == "tiny" or not entry.arch):  # built at the size it reads
+        native = preset == "tiny" or not entry.arch  # built at the size it reads
+        if image_size and native:
             arch["image_size"] = image_size
         model = model_cls(config_cls(**arch, attn_implementation=attn))
-        native = preset == "tiny" or not entry.arch
         size = image_size or (model.config.image_size if native else entry.image_spec.size)
     cfg = model.config
     spec = ImageSpec(
