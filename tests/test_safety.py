@@ -152,7 +152,7 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(trained_run, shapesworld,
     proc = cli(
         "vlm-predict", [f"ckpt={tmp_path / 'nope.ckpt'}", f"image={image}", "question=Hi?"], tmp_path, 120
     )
-    said_in_one_line(proc, "CheckpointError", r"nope.ckpt does not exist$")
+    said_in_one_line(proc, "ConfigError", r"nope.ckpt does not exist: give ckpt=")
     out, _ = trained_run
     proc = cli(
         "vlm-predict",
@@ -161,7 +161,10 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(trained_run, shapesworld,
         120,
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "vlm-predict: the question is empty"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "ConfigError: vlm-predict: the question is empty: give question='...'"
+    )
 
 
 def test_with_hydra_full_error_the_traceback_is_printed(shapesworld, tmp_path):

@@ -139,9 +139,15 @@ class VLMLitModule(Known, L.LightningModule):
             return None
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
-    def generate(self, batch: dict, **overrides) -> list[str]:
+    def generation_settings(self, **overrides) -> dict:
+        """What :meth:`generate` decodes with: the trained settings, then ``overrides``; 16 new
+        tokens unless set."""
         kwargs = dict(self.hparams.generation or {}) | overrides
         kwargs.setdefault("max_new_tokens", 16)
+        return kwargs
+
+    def generate(self, batch: dict, **overrides) -> list[str]:
+        kwargs = self.generation_settings(**overrides)
         ids = self.model.generate(
             batch["input_ids"],
             batch["attention_mask"],

@@ -117,6 +117,12 @@ class VLMProcessor:
         ``answer`` to score against (with ``meta`` and ``id``)."""
         return self._encode(sample, prompt=True)
 
+    def encode_question(self, image: Image.Image | None, question: str, answer: str = "", **extra) -> dict:
+        """A prompt asking ``question`` about ``image`` (what vlm-predict and the demo ask);
+        ``answer`` is the reference to score against, ``extra`` the sample's other keys."""
+        turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}, {"from": "gpt", "value": answer}]
+        return self.encode_prompt({"image": image, "conversations": turns, **extra})
+
     def _encode(self, sample: dict, prompt: bool) -> dict:
         turns = sample["conversations"]
         weights = None if prompt else self.reply_weights(sample, len(turns) // 2)

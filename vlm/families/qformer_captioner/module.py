@@ -90,8 +90,8 @@ class CaptionerModule(VLMLitModule):
         EOS included: a longer caption is cut and has no EOS."""
         return 1 + self.model.num_image_tokens + self.hparams.caption_length
 
-    def generate(self, batch: dict, **overrides) -> list[str]:
-        return super().generate(batch, **({"max_new_tokens": self.hparams.caption_length} | overrides))
+    def generation_settings(self, **overrides) -> dict:
+        return super().generation_settings(**({"max_new_tokens": self.hparams.caption_length} | overrides))
 
     # -- evaluation ----------------------------------------------------------------------------
     def on_test_batch_end(self, outputs, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
