@@ -13,10 +13,10 @@ ARGS ?=
 # Installed without its dependencies: pyproject.toml lists those it needs (see the comment there).
 LMMS_EVAL := lmms-eval==0.7.3
 
-.PHONY: help setup train eval sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam bench-gpu-dense test test-full prove-resume lint bench clean
+.PHONY: help setup setup-browser train eval demo sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam bench-gpu-dense test test-full prove-resume lint bench clean
 
 help: ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 	@echo "  Variables: ARGS='<hydra overrides>' (train, bench), VENV=$(VENV)"
 
 $(STAMP): pyproject.toml
@@ -58,6 +58,15 @@ eval: setup ## Score the default checkpoint (CKPT=...) on every embedded benchma
 	SHAPESWORLD_DIR=$(SHAPES) HF_DATASETS_OFFLINE=1 $(BIN)/lmms-eval --model vlm_lab \
 		--model_args ckpt=$(CKPT) --include_path vlm/eval/lmms/tasks --tasks shapesworld_vqa \
 		--batch_size 32 --output_path $(EVAL)/lmms_eval
+
+# The web demo of a checkpoint (default: the newest `make train` one), on http://127.0.0.1:7860.
+demo: setup ## Web demo: ask a checkpoint about an image (ARGS='ckpt=<path.ckpt> port=7860 host=...')
+	$(BIN)/vlm-demo $(ARGS)
+
+# Debian's chromium, which the demo's browser test drives (Playwright cannot download its own offline).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+setup-browser: ## Install Debian's chromium for the demo's browser test (apt-get; sudo unless root)
+	test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
 # CALM's ablation (sweeps/calm_layers_heads.yaml, 48 jobs) and its CLIP-only baseline in one
 # folder, then the table: every job, and test accuracy by layers x fusion (mean over heads).

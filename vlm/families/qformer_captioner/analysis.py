@@ -60,18 +60,34 @@ def word_attention(module, batch: dict, new_ids: Tensor) -> list[Tensor]:
 
 
 @torch.no_grad()
+def query_patches(model, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """The Q-Former's tokens for ``pixels`` (B, T, D_q) and their last cross-attention layer
+    over the image patches (B, T, P), prefix tokens left out."""
+    model.connector.record(True)
+    try:
+        tokens = model.query_tokens(pixels)
+    finally:
+        model.connector.record(False)
+    cross = [layer.last_attention for layer in model.connector.layers if layer.cross_attn is not None]
+    return tokens, cross[-1][..., -model.vision_tower.num_patches :].float().cpu()
+
+
+def patch_attention_figure(model, pixels: Tensor, title: str | None = None):
+    """Where the first image's Q-Former tokens look (:func:`figures.query_patch_attention`)."""
+    tower = model.vision_tower
+    _, attn = query_patches(model, pixels[:1])
+    side = int(round(tower.num_patches**0.5))
+    image = images_of(pixels[:1], tower.image_spec.mean, tower.image_spec.std)[0]
+    return figures.query_patch_attention(image, attn[0], (side, tower.num_patches // side), title=title)
+
+
+@torch.no_grad()
 def write_analysis(module, batch: dict, run_dir: str | Path, loggers=()) -> dict[str, float]:
     """Draw the figures for ``batch`` (a generation batch); returns the token statistics."""
     model, tokenizer = module.model, module.tokenizer
     tower = model.vision_tower
     pixels = batch["pixel_values"]
-    model.connector.record(True)
-    try:
-        tokens = model.query_tokens(pixels)  # (B, T, D_q)
-    finally:
-        model.connector.record(False)
-    cross = [layer.last_attention for layer in model.connector.layers if layer.cross_attn is not None]
-    patch_attn = cross[-1][..., -tower.num_patches :].float().cpu()  # (B, T, P), prefix tokens left out
+    tokens, _ = query_patches(model, pixels)
     new_ids = model.generate(
         batch["input_ids"],
         batch["attention_mask"],
@@ -83,12 +99,9 @@ def write_analysis(module, batch: dict, run_dir: str | Path, loggers=()) -> dict
     captions = [c.strip() for c in tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
     words = word_attention(module, batch, new_ids)
     images = images_of(pixels, tower.image_spec.mean, tower.image_spec.std)
-    side = int(round(tower.num_patches**0.5))
     first_words = [tokenizer.decode([t]).strip() or "·" for t in new_ids[0, : len(words[0])].tolist()]
     drawn = {
-        "query_patch_attention": figures.query_patch_attention(
-            images[0], patch_attn[0], (side, tower.num_patches // side), title=captions[0]
-        ),
+        "query_patch_attention": patch_attention_figure(model, pixels, title=captions[0]),
         "word_query_attention": figures.word_query_attention(first_words, words[0]),
         "token_similarity": figures.token_similarity(tokens[0].float().cpu()),
         "caption_grid": figures.caption_grid(images, captions, batch.get("references")),
