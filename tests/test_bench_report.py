@@ -144,7 +144,7 @@ def test_bench_of_a_two_tower_family_feeds_each_tower_and_splits_its_parameters(
     assert result["generate"]["encode_ms_per_image"] > 0 and "encode images" in stdout
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("cache", ["dynamic", pytest.param("static", marks=pytest.mark.slow)])
 def test_bench_of_the_captioner_times_a_caption_with_either_kv_cache(cache, tmp_path):
     static = ["bench.cache_implementation=static"] if cache == "static" else []
     result, _ = run_bench(tmp_path / "bench", "trainer=cpu", "experiment=qformer_shapes", *static)

@@ -257,6 +257,7 @@ def test_a_subset_larger_than_the_pool_is_one_line_naming_it(pool_json, tmp_path
     assert not (tmp_path / "out").exists()  # said before anything is embedded or written
 
 
+@pytest.mark.slow  # the full default curation: make test-full
 def test_vlm_curate_on_the_default_shapesworld(tmp_path):
     shapes = ["num_train=100", "num_val=10", "num_test=10"]
     args = [f"paths.data_dir={tmp_path}/data", f"paths.log_dir={tmp_path}/logs"]

@@ -102,6 +102,7 @@ def test_the_page_streams_the_reply_vlm_predict_prints(trained_run, shapesworld,
     assert shot.stat().st_size > 10_000 and Image.open(shot).size == (1100, 560)
 
 
+@pytest.mark.slow  # load_for's one line is in make test through vlm-predict and vlm-chat
 def test_a_missing_checkpoint_is_one_line_on_stderr(tmp_path):
     missing = tmp_path / "none.ckpt"
     proc = cli("vlm-demo", [f"ckpt={missing}"], tmp_path, timeout=120)

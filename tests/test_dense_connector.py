@@ -206,6 +206,7 @@ def test_stage_two_rows_keep_the_rows_choices_at_three_epochs_of_batch_three():
         assert cfg.callbacks.early_stopping.monitor == "val/loss"
 
 
+@pytest.mark.slow  # a 2-job multirun and the report: make test-full
 def test_the_matrix_sweep_feeds_stage_two_and_the_report_prints_the_rows(shapesworld, tmp_path):
     """Row 3 with two connectors in stage 1 and its stage-2 job, laid out as `make sweep-dense`
     does: the stage-2 job finds its row's checkpoint by folder name; vlm-report prints the rows."""

@@ -95,7 +95,7 @@ UNKNOWN = (
     ("model_args", "line"),
     [
         ("ckpt={missing}", "CheckpointError: checkpoint {missing} does not exist"),
-        ("ckpt={ckpt},temperature=0", UNKNOWN),
+        pytest.param("ckpt={ckpt},temperature=0", UNKNOWN, marks=pytest.mark.slow),  # 12 s of lmms-eval start
     ],
     ids=["missing_ckpt", "unknown_arg"],
 )

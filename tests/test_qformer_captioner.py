@@ -344,6 +344,7 @@ PHASE_PARTS = (
 )
 
 
+@pytest.mark.slow  # two DDP processes: make test-full (test_ddp keeps DDP in make test)
 def test_ddp_ranks_stay_identical_when_phase_two_unfreezes_more_blocks(shapesworld, tmp_path):
     """A block first trained in phase 2 must be synced like the others: had its requires_grad
     been flipped after DDP wrapped the model, each rank would step it with its own gradient."""

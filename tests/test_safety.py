@@ -149,10 +149,6 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(trained_run, shapesworld,
     )
     said_in_one_line(proc, "CheckpointError", rf"ckpt_path: {re.escape(str(path))} is not a torch checkpoint")
     image = shapesworld_root(shapesworld) / "images" / "test" / "test_000000.png"
-    proc = cli(
-        "vlm-predict", [f"ckpt={tmp_path / 'nope.ckpt'}", f"image={image}", "question=Hi?"], tmp_path, 120
-    )
-    said_in_one_line(proc, "ConfigError", r"nope.ckpt does not exist: give ckpt=")
     out, _ = trained_run
     proc = cli(
         "vlm-predict",
