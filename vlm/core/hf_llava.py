@@ -222,9 +222,8 @@ def hf_config(model: nn.Module) -> tuple[LlavaConfig, Connector]:
     class cannot express raises :class:`NotExportable` (its message names what would)."""
     layers, projector = model.hf_llava_layout()
     tower = model.vision_tower
-    tower_type = getattr(getattr(tower, "model", None), "config", None)
-    tower_type = getattr(tower_type, "model_type", None)
-    if tower_type not in TOWERS:
+    tower_config = getattr(getattr(tower, "model", None), "config", None)
+    if getattr(tower_config, "model_type", None) not in TOWERS:
         raise NotExportable(
             f"HF LLaVA's vision tower is a transformers CLIP or SigLIP model, not {tower.name!r}: "
             "encoder=clip_vit_l14_336 (or another CLIP/SigLIP entry) exports"
@@ -288,12 +287,9 @@ def export_template(module: Any) -> str | None:
     "text"}``), giving the text our template gave in training. A template that already reads
     content lists (an imported one) is kept as it is; ``plain``/``raw`` checkpoints have none."""
     template = module.processor.template
-    source = (
-        getattr(template, "chat_template", None)
-        or getattr(template, "tokenizer", module.tokenizer).chat_template
-    )
-    if template.name != "chat" or source is None:
+    if template.name != "chat":  # plain / raw: no conversation to template
         return None
+    source = template.chat_template or template.tokenizer.chat_template
     if template.reads_parts:
         return source
     setvars = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}" for k, v in template.template_vars.items())
