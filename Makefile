@@ -13,7 +13,7 @@ ARGS ?=
 # Installed without its dependencies: pyproject.toml lists those it needs (see the comment there).
 LMMS_EVAL := lmms-eval==0.7.3
 
-.PHONY: help setup setup-browser train eval demo sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam bench-gpu-dense test test-full prove-resume lint bench clean
+.PHONY: help setup setup-browser train eval demo sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam sweep-positions bench-gpu-dense test test-full prove-resume lint bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
@@ -119,6 +119,21 @@ sweep-dense: setup ## Dense connector: curation, the seed's 19 + 6 runs on Shape
 		logger.wandb.project=multimodal-llama-dense-connector hydra.sweep.dir=$(SWEEP_DENSE)/stage2 $(ARGS)
 	$(BIN)/vlm-report $(SWEEP_DENSE)/stage1 $(DENSE_KEYS)
 	$(BIN)/vlm-report $(SWEEP_DENSE)/stage2 $(DENSE_KEYS)
+
+# image_positions x 3 seeds on the default run's three stages (sweeps/image_positions.yaml): each
+# stage starts from the same mode's and seed's last checkpoint of the stage before; then test
+# accuracy per question type per run, and position accuracy as mode x seed.
+SWEEP_POS := logs/sweep_positions/$(shell date +%Y-%m-%d_%H-%M-%S)
+POS_FROM = stage.init_from='$${hydra:sweep.dir}/../$(1)/$${hydra:runtime.choices.image_positions}-seed$${seed}/checkpoints/last.ckpt'
+POS_KEYS := --keys image_positions seed --extra test/acc test/acc_color test/acc_shape test/acc_count test/acc_exists
+sweep-positions: setup ## Image-token positions (flat, mrope, sincos2d, learned2d) x 3 seeds, default recipe, and the tables
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name image_positions hydra.sweep.dir=$(SWEEP_POS)/stage1 $(ARGS)
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name image_positions experiment=llava_shapes_stage1b \
+		$(call POS_FROM,stage1) hydra.sweep.dir=$(SWEEP_POS)/stage1b $(ARGS)
+	$(BIN)/vlm-train -m --config-dir sweeps --config-name image_positions experiment=llava_shapes \
+		$(call POS_FROM,stage1b) hydra.sweep.dir=$(SWEEP_POS)/stage2 $(ARGS)
+	$(BIN)/vlm-report $(SWEEP_POS)/stage2 --metric test/acc_position $(POS_KEYS)
+	$(BIN)/vlm-report $(SWEEP_POS)/stage2 --metric test/acc_position --rows image_positions --cols seed
 
 # The sam_segmentation ablation (sweeps/sam_grid.yaml: mode x prompt x LoRA rank x precision,
 # 16 shorter runs of experiment=sam_shapes), then the tables: test gIoU (and per expression

@@ -34,7 +34,9 @@ def build_tokenizer(
     elif init_from:
         tokenizer = checkpoint_tokenizer(init_from)
     else:
-        tokenizer = hydra.utils.instantiate(cfg.tokenizer, corpus=list(corpus))
+        # The corpus goes to the built callable, not through instantiate, which would wrap
+        # each of its strings in OmegaConf (17 s for the default run's 99k strings).
+        tokenizer = hydra.utils.instantiate(cfg.tokenizer, _partial_=True)(corpus=list(corpus))
     if output_dir:
         tokenizer.save_pretrained(Path(output_dir) / "tokenizer")
     return tokenizer
@@ -56,4 +58,10 @@ def with_hf_architecture(cfg: DictConfig) -> DictConfig:
 
 def build_module(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> VLMLitModule:
     """The family's LightningModule; its model parts are built from plain config dicts."""
+    mode = OmegaConf.select(cfg, "image_positions.name", default="flat")
+    if mode != "flat" and "image_positions" not in cfg.family.get("model", {}):
+        raise ConfigError(
+            f"image_positions={mode}: this family's model places image tokens itself (a whole VLM's "
+            "own positions); use image_positions=flat"
+        )
     return hydra.utils.instantiate(cfg.family, tokenizer=tokenizer, _recursive_=False)

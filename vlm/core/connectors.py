@@ -11,6 +11,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlm.core.positions.layout import Piece
+
 
 class Connector(nn.Module):
     """``linear`` (LLaVA-1) or ``mlp{depth}x_gelu`` (LLaVA-1.5: Linear, then GELU+Linear repeated).
@@ -39,6 +41,10 @@ class Connector(nn.Module):
     def num_tokens(self, num_in: int) -> int:
         """Token count after the connector."""
         return num_in if self.pool == 1 else (self._side(num_in) // self.pool) ** 2
+
+    def token_layout(self, side: int) -> tuple[Piece, ...]:
+        """The output tokens of a ``side`` x ``side`` patch grid: the grid, pooled."""
+        return (Piece(side // self.pool, side // self.pool),)
 
     def _side(self, n: int) -> int:
         side = math.isqrt(n)

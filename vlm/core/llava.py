@@ -6,6 +6,7 @@ the Q-Former captioner subclass it to swap or add a part.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from vlm.core.builder import LlavaParts, build_parts, select_indices
 from vlm.core.model import VLMModel
+from vlm.core.positions import ImageLayout, Piece, build_image_positions
 from vlm.core.processor import image_transform
 from vlm.core.recipes import is_frozen
 from vlm.core.tokenizer import IGNORE_INDEX
@@ -40,6 +42,7 @@ class LlavaModel(VLMModel):
         image_token_id: int,
         select_layer: int | Sequence[int] = -2,
         select_feature: str = "patch",
+        image_positions: dict | None = None,
     ):
         super().__init__()
         if select_feature not in ("patch", "cls_patch"):
@@ -50,6 +53,9 @@ class LlavaModel(VLMModel):
         self.image_token_id = image_token_id
         self.select_indices = select_indices(select_layer, vision_tower)  # 0 = embeddings, i = after block i
         self.select_feature = select_feature
+        self.image_positions = build_image_positions(
+            image_positions, self.image_layout(), llm, image_token_id
+        )
 
     @property
     def select_index(self) -> int:
@@ -67,11 +73,18 @@ class LlavaModel(VLMModel):
         connector: dict,
         select_layer: int | list[int] = -2,
         select_feature: str = "patch",
+        image_positions: dict | None = None,
     ) -> LlavaModel:
         """Tower and LLM from the zoo; the connector completed with their widths."""
         p = build_parts(tokenizer, vision_tower, llm, connector, select_layer, select_feature)
         return cls(
-            p.tower, cls.make_connector(p), p.llm, p.image_token_id, p.select_indices, p.select_feature
+            p.tower,
+            cls.make_connector(p),
+            p.llm,
+            p.image_token_id,
+            p.select_indices,
+            p.select_feature,
+            image_positions,
         )
 
     @classmethod
@@ -82,7 +95,22 @@ class LlavaModel(VLMModel):
 
     # -- the contract -----------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:
-        return {"vision_tower": self.vision_tower, "connector": self.connector, "llm": self.llm}
+        return {
+            "vision_tower": self.vision_tower,
+            "connector": self.connector,
+            "llm": self.llm,
+        } | self.position_part()
+
+    def position_part(self) -> dict[str, nn.Module]:
+        """``image_positions`` is a part where it learns something (``learned2d``, ``sincos2d``'s
+        scale); unless the recipe names it, it trains as the connector does."""
+        learns = any(True for _ in self.image_positions.parameters())
+        return {"image_positions": self.image_positions} if learns else {}
+
+    def resolve_tune(self, tune: dict) -> dict:
+        if self.position_part():
+            tune.setdefault("image_positions", tune.get("connector"))
+        return tune
 
     def blocks(self, part: str) -> nn.ModuleList | None:
         if part == "vision_tower":
@@ -124,6 +152,19 @@ class LlavaModel(VLMModel):
         n = tower.num_patches + (tower.num_prefix_tokens if self.select_feature == "cls_patch" else 0)
         return self.connector.num_tokens(n)
 
+    def image_layout(self) -> ImageLayout | None:
+        """Where the connector's output tokens sit: the prefix tokens (``cls_patch``), then the
+        square patch grid as the connector leaves it (``token_layout``: pooled, or grids and
+        pooled runs). None where they have no 2-D place."""
+        tower = self.vision_tower
+        side = math.isqrt(tower.num_patches)
+        if side * side != tower.num_patches:
+            return None
+        prefix = tower.num_prefix_tokens if self.select_feature == "cls_patch" else 0
+        token_layout = getattr(self.connector, "token_layout", None)
+        pieces = token_layout(side) if token_layout else (Piece(side, side),)
+        return ImageLayout(((Piece(prefix),) if prefix else ()) + tuple(pieces))
+
     def tower_states(self, pixel_values: Tensor | dict[str, Tensor], upto: int) -> list[Tensor]:
         """Hidden states 0..``upto`` of the tower via its explicit block loop: blocks past
         ``upto`` are never run, and a frozen tower runs without autograd."""
@@ -152,7 +193,7 @@ class LlavaModel(VLMModel):
             if n_slots:
                 raise ValueError(f"{n_slots} image tokens in the batch but no pixel_values")
             return embeds
-        feats = self.encode_images(pixel_values).to(embeds.dtype)  # (B_img, P, D)
+        feats = self.image_positions.add(self.encode_images(pixel_values)).to(embeds.dtype)  # (B_img, P, D)
         if feats.shape[0] * feats.shape[1] != n_slots:
             raise ValueError(
                 f"batch has {n_slots} image-token slots but {feats.shape[0]} images x "
@@ -173,7 +214,10 @@ class LlavaModel(VLMModel):
         ``loss_weights`` (B, T), aligned with ``labels``: a weighted mean over the targets."""
         embeds = self.embed_inputs(input_ids, pixel_values)
         hidden = self.llm.base_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=self.image_positions.position_ids(input_ids, attention_mask),
+            use_cache=False,
         ).last_hidden_state  # (B, T, D)
         head = self.llm.get_output_embeddings()
         if labels is None:
@@ -200,9 +244,15 @@ class LlavaModel(VLMModel):
         """Left-padded prompts -> new token ids (B, <= max_new_tokens), KV cache on. Greedy,
         sampling (``do_sample``, ``temperature``, ``top_p``) and beam search (``num_beams``)
         are transformers' own ``generate``. Decoding runs eager even where ``family.compile``
-        compiled the decoder layers: the KV cache's per-layer state would recompile every layer."""
+        compiled the decoder layers: the KV cache's per-layer state would recompile every layer.
+        The prompt's positions are the forward pass's; ``generate`` continues each row by one."""
         embeds = self.embed_inputs(input_ids, pixel_values)
+        positions = self.image_positions.position_ids(input_ids, attention_mask)
         with torch.compiler.set_stance("force_eager"):
             return self.llm.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, **generate_kwargs
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                **generate_kwargs,
             )

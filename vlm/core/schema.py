@@ -248,6 +248,7 @@ class TrainConf:
     augmenting: Any = None
     llm: Any = None
     connector: Any = None
+    image_positions: Any = None
     fusion: Any = None
     layers: Any = None
     conditioning: Any = None

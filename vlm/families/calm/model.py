@@ -55,6 +55,7 @@ class CalmModel(LlavaModel):
         calm: dict,
         select_layer: int = -2,
         select_feature: str = "patch",
+        image_positions: dict | None = None,
     ) -> CalmModel:
         """``vision_tower`` is the anchor; ``calm`` the :class:`CalmTower` options plus
         ``match_grid``. The modules are built past the layer the core reads only if they could
@@ -71,7 +72,15 @@ class CalmModel(LlavaModel):
                 f"(select_layer={select_layer}) and could not change the features: no module there; "
                 f"modules at {tower.layers}"
             )
-        return cls(tower, connector_module, p.llm, p.image_token_id, p.select_index, p.select_feature)
+        return cls(
+            tower,
+            connector_module,
+            p.llm,
+            p.image_token_id,
+            p.select_index,
+            p.select_feature,
+            image_positions,
+        )
 
     def parts(self) -> dict[str, nn.Module]:
         t = self.vision_tower
@@ -81,7 +90,7 @@ class CalmModel(LlavaModel):
             "calm": t.calm,
             "connector": self.connector,
             "llm": self.llm,
-        }
+        } | self.position_part()
 
     def blocks(self, part: str) -> nn.ModuleList | None:
         if part in ("anchor", "augmenting"):
@@ -102,6 +111,7 @@ class CalmModel(LlavaModel):
         return [*super().unused(), *aug.blocks[self.vision_tower.augmenting_depth_read :]]
 
     def resolve_tune(self, tune: dict) -> dict:
+        tune = super().resolve_tune(tune)
         short = tune.pop("vision_tower", None)
         if short is None:
             return tune

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vlm.core.connectors import Connector
 from vlm.core.depth import map_block
+from vlm.core.positions.layout import Piece
 
 MODES = ("sti", "sci", "dci")
 REFERENCE_DEPTH = 24
@@ -86,6 +87,11 @@ class DenseConnector(nn.Module):
                 f"connector=dense_sti pools {self.stride} tokens into one but the tower gives {num_in}"
             )
         return num_in + len(self.layers) * (num_in // self.stride)
+
+    def token_layout(self, side: int) -> tuple[Piece, ...]:
+        """The final feature's grid; ``sti``'s pooled runs of row-major tokens have no 2-D place."""
+        pooled = (Piece(side * side // self.stride),) * len(self.layers) if self.mode == "sti" else ()
+        return (Piece(side, side), *pooled)
 
     def pool(self, h: Tensor) -> Tensor:
         """(B, T, C) -> (B, ⌊T/stride⌋, C): 1-D average pooling along the tokens."""

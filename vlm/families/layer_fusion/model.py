@@ -51,6 +51,7 @@ class LayerFusionModel(LlavaModel):
         layers: dict,
         select_layer: int = -2,
         select_feature: str = "patch",
+        image_positions: dict | None = None,
     ) -> LayerFusionModel:
         """``fusion``: ``strategy`` plus the strategy's options; ``layers``: the ``conf/layers``
         set (``name``, ``blocks``, ``reference``). External strategies widen the projector to
@@ -83,6 +84,7 @@ class LayerFusionModel(LlavaModel):
             fusion=module,
             select_layer=p.select_index,
             select_feature=p.select_feature,
+            image_positions=image_positions,
         )
 
     def parts(self) -> dict[str, nn.Module]:
@@ -90,7 +92,7 @@ class LayerFusionModel(LlavaModel):
 
     def resolve_tune(self, tune: dict) -> dict:
         tune.setdefault("fusion", tune.get("connector"))
-        return tune
+        return super().resolve_tune(tune)
 
     @property
     def deepest_state(self) -> int:

@@ -35,8 +35,11 @@ class QFormerCaptioner(LlavaModel):
         image_token_id: int,
         select_layer: int = -1,
         select_feature: str = "cls_patch",
+        image_positions: dict | None = None,
     ):
-        super().__init__(vision_tower, qformer, llm, image_token_id, select_layer, select_feature)
+        super().__init__(
+            vision_tower, qformer, llm, image_token_id, select_layer, select_feature, image_positions
+        )
         self.conditioning = conditioning
         self.cross = isinstance(conditioning, CrossAttentionConditioning)
         if self.cross:
@@ -52,6 +55,7 @@ class QFormerCaptioner(LlavaModel):
         conditioning: dict,
         select_layer: int = -1,
         select_feature: str = "cls_patch",
+        image_positions: dict | None = None,
     ) -> QFormerCaptioner:
         """``conditioning``: ``mode`` (cross_attention | prefix) plus its options; a null
         ``num_heads`` takes the decoder's head count."""
@@ -67,7 +71,13 @@ class QFormerCaptioner(LlavaModel):
             cond = PrefixConditioning(q.width, p.llm_width, **options)
         else:
             raise ValueError(f"conditioning.mode={mode!r}: choose from {', '.join(MODES)}")
-        return cls(p.tower, q, cond, p.llm, p.image_token_id, p.select_index, p.select_feature)
+        return cls(
+            p.tower, q, cond, p.llm, p.image_token_id, p.select_index, p.select_feature, image_positions
+        )
+
+    def image_layout(self) -> None:
+        """The Q-Former's queries have no 2-D place: only ``image_positions=flat`` applies."""
+        return None
 
     def parts(self) -> dict[str, nn.Module]:
         return {
