@@ -45,7 +45,7 @@ class AddedPositions(nn.Module):
 class SinCos2D(AddedPositions):
     """Fixed 2-D sin-cos table (as MAE's ViT), scaled by a learnt scalar from ``init_scale``."""
 
-    def __init__(self, layout: ImageLayout, width: int, init_scale: float = 0.1):
+    def __init__(self, layout: ImageLayout, width: int, init_scale: float = 1.0):
         super().__init__(layout, init_scale)
         self.register_buffer("fixed", sincos_2d(self.y, self.x, width), persistent=False)
 
