@@ -13,7 +13,7 @@ ARGS ?=
 # Installed without its dependencies: pyproject.toml lists those it needs (see the comment there).
 LMMS_EVAL := lmms-eval==0.7.3
 
-.PHONY: help setup setup-browser train eval demo sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam sweep-positions bench-gpu-dense test test-full prove-resume lint bench clean
+.PHONY: help setup setup-browser train eval demo sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam sweep-positions bench-gpu-dense test test-full prove-resume lint bench bench-train clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
@@ -160,6 +160,11 @@ prove-resume: setup ## Kill a run with SIGKILL at 3 random steps, resume each ti
 lint: setup ## ruff check + ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+BENCH_TRAIN := logs/bench_train/$(shell date +%Y-%m-%d_%H-%M-%S)
+bench-train: setup ## Time-to-accuracy of the default run: make train, timed part by part, and the table
+	$(MAKE) --no-print-directory train RUN=$(BENCH_TRAIN) ARGS="$(ARGS)"
+	$(BIN)/python -m vlm.bench.train_report $(BENCH_TRAIN)
 
 bench: setup ## Benchmark the default configuration (ARGS='...')
 	$(BIN)/vlm-bench $(ARGS)

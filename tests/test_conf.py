@@ -126,6 +126,16 @@ def test_debug_fdr_sets_fast_dev_run(tmp_path):
     assert cfg.task_name == "debug"
 
 
+def test_debug_profiler_profiles_the_run_as_configured(tmp_path):
+    """No anomaly detection, no DEBUG logs, the run's own steps and folder: what it times is the run."""
+    plain = compose_train(["experiment=llava_shapes"], tmp_path)
+    cfg = compose_train(["experiment=llava_shapes", "debug=profiler"], tmp_path)
+    assert cfg.trainer.profiler._target_.endswith("SimpleProfiler")
+    assert not cfg.trainer.detect_anomaly and cfg.task_name == plain.task_name
+    assert cfg.trainer.max_steps == plain.trainer.max_steps and cfg.trainer.limit_train_batches is None
+    assert cfg.hydra.job_logging.root.level == plain.hydra.job_logging.root.level
+
+
 # --- schemas -----------------------------------------------------------------------------------
 
 

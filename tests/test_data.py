@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from vlm.data.datamodule import GENERATE, LOSS, VLMDataModule
 from vlm.data.datasets import BadSampleError, ConversationDataset
 from vlm.data.readers import DataFormatError, caption_conversations, read_coco_captions, read_llava_json
+from vlm.data.sampling import ResumableSampler, length_grouped
 
 WORLD = dict(seed=1, image_size=32, num_train=10, num_val=4, num_test=4, questions_per_image=3)
 
@@ -398,6 +399,34 @@ def test_resume_order_without_trainer(world):
         dm2 = make_dm(world, batch_size=3, seed=7)
         dm2.load_state_dict(state)
         assert next(endless(dm2.train_dataloader()))["id"] == expected, (k, state)
+
+
+def test_length_grouped_batches_hold_similar_lengths_and_resume_in_order(world):
+    """Every epoch is a permutation; within each megabatch the order runs longest first; a
+    restored position gives the next batch; the two ranks of a DDP pair share no sample."""
+    dm = make_dm(world, batch_size=3, seed=7, group_by_length=True)
+    loader = dm.train_dataloader()
+    ds, sampler = dm.datasets["train"], loader.sampler
+    lengths = [sum(len(t["value"].split()) for t in c) for c in ds.conversations()]
+    assert len(set(lengths)) > 1 and sampler.lengths == lengths
+    order = list(sampler)
+    assert sorted(order) == list(range(len(ds)))  # 10 samples < one megabatch: one group
+    assert [lengths[k] for k in order] == sorted(lengths, reverse=True)
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(len(ds)))
+    it = endless(loader)
+    next(it)
+    state, expected = dm.state_dict(), next(it)["id"]
+    assert state["train_order"]["by_length"] is True
+    dm2 = make_dm(world, batch_size=3, seed=7, group_by_length=True)
+    dm2.load_state_dict(state)
+    assert next(endless(dm2.train_dataloader()))["id"] == expected
+    ranks = [
+        ResumableSampler(ds, seed=7, num_replicas=2, rank=r, lengths=lengths, batch_size=1) for r in (0, 1)
+    ]
+    shards = [list(r) for r in ranks]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(10))
+    assert length_grouped(list(range(6)), [1, 5, 2, 6, 3, 4], group=3) == [1, 2, 0, 3, 5, 4]
 
 
 class Recorder(L.LightningModule):

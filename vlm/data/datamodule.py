@@ -66,7 +66,9 @@ class VLMDataModule(L.LightningDataModule):
     (refCOCO's ``{test: testA}``; null: the same names), ``split_by`` the refs file
     (``refs(<split_by>).p``), ``prompts`` the reader's question/answer templates (null: LISA's).
     ``text_cache``: conversations whose token ids the processor keeps after their first use
-    (0: none); each loader worker keeps its own. ``qtypes``: the question types the records
+    (0: none); each loader worker keeps its own. ``group_by_length``: training batches of
+    conversations of similar length (HF Trainer's option; words counted, no image read), so
+    less of each batch is padding. ``qtypes``: the question types the records
     carry (``meta.qtype``), which the VQA objective scores one by one (``objective.qtypes``
     reads them from here); an evaluated split with other types says so once. ``val_holdout``:
     with no ``val_json``, this many train records (seeded; at most a tenth of them) are the
@@ -97,6 +99,7 @@ class VLMDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         corpus_json: Sequence[str] | None = None,
         text_cache: int = 0,
+        group_by_length: bool = False,
         qtypes: Sequence[str] = (),
         val_holdout: int = 0,
         seed: int = 0,
@@ -322,6 +325,10 @@ class VLMDataModule(L.LightningDataModule):
             seed=self.hparams.seed,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
+            lengths=[sum(len(t["value"].split()) for t in c) for c in ds.conversations()]
+            if self.hparams.group_by_length
+            else None,
+            batch_size=self.hparams.batch_size,
         )
         resume, self._resume = self._resume, None
         if resume is not None:
@@ -351,8 +358,9 @@ class VLMDataModule(L.LightningDataModule):
     # -- resumable order ---------------------------------------------------------------------
     def _order(self, sampler: ResumableSampler) -> dict[str, int]:
         """What the shuffle depends on besides the epoch: a position only means something
-        under the same seed, data size and number of ranks."""
-        return {"seed": sampler.seed, "size": len(sampler.dataset), "replicas": sampler.num_replicas}
+        under the same seed, data size, number of ranks and grouping by length."""
+        order = {"seed": sampler.seed, "size": len(sampler.dataset), "replicas": sampler.num_replicas}
+        return order | ({"by_length": True} if sampler.lengths is not None else {})
 
     def state_dict(self) -> dict[str, Any]:
         """The train order's epoch and position; Lightning stores it in every checkpoint.

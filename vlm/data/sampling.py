@@ -9,22 +9,54 @@ fit loop does not prefetch from loaders that have a length, so "handed out" is "
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
+
+MEGABATCH = 50  # batches per length-sorted group, as HF Trainer's LengthGroupedSampler
+
+
+def length_grouped(order: list[int], lengths: Sequence[int], group: int) -> list[int]:
+    """``order`` cut into groups of ``group`` samples, each sorted longest first (HF Trainer's
+    ``group_by_length``): a batch holds samples of similar length, so little of it is padding,
+    while which group comes when stays as random as ``order``."""
+    chunks = (order[i : i + group] for i in range(0, len(order), group))
+    return [k for chunk in chunks for k in sorted(chunk, key=lambda k: -lengths[k])]
 
 
 class ResumableSampler(DistributedSampler):
     """Seeded per-epoch shuffle over this rank's shard that skips the first ``start`` samples.
 
     A ``DistributedSampler`` subclass, so under DDP Lightning keeps it (it only swaps in its
-    own sampler when a loader's is not one) and the restored order stays per rank.
+    own sampler when a loader's is not one) and the restored order stays per rank. With
+    ``lengths`` (one per sample) the shuffle is length-grouped over megabatches of
+    ``batch_size`` x ranks x 50 before it is sharded, so every rank's batches are grouped too.
     """
 
-    def __init__(self, dataset: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        dataset: Sized,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.start = 0
+        self.lengths = lengths
+        self.group = batch_size * num_replicas * MEGABATCH
+
+    def _grouped(self) -> Iterator[int]:
+        """DistributedSampler's own shuffle, padding and sharding, around a length-grouped order."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = length_grouped(
+            torch.randperm(len(self.dataset), generator=g).tolist(), self.lengths, self.group
+        )
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # a resume offset belongs to the epoch it was saved in
@@ -32,7 +64,8 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+        order = super().__iter__() if self.lengths is None else self._grouped()
+        return itertools.islice(order, self.start, None)
 
 
 class CountingLoader(DataLoader):
