@@ -237,6 +237,8 @@ def test_init_from_hf_trains_the_imported_model(tokenizer, shapesworld, tmp_path
         (["connector=mlp4x_gelu"], "connector=mlp2x_gelu"),
         (["connector.pool=2"], "connector.pool=1"),
         (["family=calm", "family.model.calm.num_layers=2"], "family=llava"),
+        (["image_positions=mrope"], "image_positions=flat exports"),
+        (["image_positions=learned2d"], "image_positions=flat exports"),
     ],
 )
 def test_which_connectors_export(overrides, exported, shapesworld, tokenizer, tmp_path):

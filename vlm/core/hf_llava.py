@@ -221,6 +221,12 @@ def hf_config(model: nn.Module) -> tuple[LlavaConfig, Connector]:
     """The ``LlavaConfig`` of our model, and the connector that is its projector; a model HF's
     class cannot express raises :class:`NotExportable` (its message names what would)."""
     layers, projector = model.hf_llava_layout()
+    positions = model.image_positions.name
+    if positions != "flat":
+        raise NotExportable(
+            f"image_positions={positions}: HF's LLaVA gives image tokens the 1-D positions of the "
+            "text around them and adds nothing to them; image_positions=flat exports"
+        )
     tower = model.vision_tower
     tower_config = getattr(getattr(tower, "model", None), "config", None)
     if getattr(tower_config, "model_type", None) not in TOWERS:
