@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.core.builder import LlavaParts, build_parts, select_indices
+from vlm.core.greedy import greedy, is_plain_greedy
 from vlm.core.model import VLMModel
 from vlm.core.positions import ImageLayout, Piece, build_image_positions
 from vlm.core.processor import image_transform
@@ -245,10 +246,14 @@ class LlavaModel(VLMModel):
         sampling (``do_sample``, ``temperature``, ``top_p``) and beam search (``num_beams``)
         are transformers' own ``generate``. Decoding runs eager even where ``family.compile``
         compiled the decoder layers: the KV cache's per-layer state would recompile every layer.
-        The prompt's positions are the forward pass's; ``generate`` continues each row by one."""
+        The prompt's positions are the forward pass's; ``generate`` continues each row by one.
+        A plain greedy call takes :func:`vlm.core.greedy.greedy`, the same tokens without
+        ``generate``'s per-token machinery."""
         embeds = self.embed_inputs(input_ids, pixel_values)
         positions = self.image_positions.position_ids(input_ids, attention_mask)
         with torch.compiler.set_stance("force_eager"):
+            if is_plain_greedy(self.llm, generate_kwargs):
+                return greedy(self.llm, embeds, attention_mask, positions, **generate_kwargs)
             return self.llm.generate(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
