@@ -13,7 +13,7 @@ ARGS ?=
 # Installed without its dependencies: pyproject.toml lists those it needs (see the comment there).
 LMMS_EVAL := lmms-eval==0.7.3
 
-.PHONY: help setup setup-browser train eval demo sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam sweep-positions bench-gpu-dense test test-full prove-resume lint bench bench-train clean
+.PHONY: help setup setup-browser train eval demo sweep-calm sweep-mlvf sweep-qformer sweep-dense sweep-sam sweep-positions bench-gpu-dense bench-gpu test test-full prove-resume lint bench bench-train clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
@@ -171,6 +171,12 @@ bench: setup ## Benchmark the default configuration (ARGS='...')
 
 bench-gpu-dense: setup ## On a GPU: the GPU tests and the dense_connector card's real-size benchmarks
 	PY=$(BIN)/python bash experiments/dense_connector/bench_gpu.sh
+
+# Every row of ../shared/PERF.md, ours (vlm-bench) and the reference (../shared/bench, or
+# REFERENCE_DIR / reference_dir=), in 2 rounds each; ARGS: size=tiny (CPU check), rows=calm,llava,
+# layer_fusion,caption,segmentation, rounds=, out=, timeout= (per run), budget= (all runs, s).
+bench-gpu: setup ## On a GPU: PERF.md's rows, ours and the references, 2 rounds, one table (ARGS='size=tiny ...')
+	HF_HUB_OFFLINE=1 $(BIN)/python -m vlm.bench.gpu_table $(ARGS)
 
 clean: ## Remove logs, outputs and caches (keeps data/ and the venv)
 	rm -rf logs outputs multirun wandb .pytest_cache .ruff_cache build dist *.egg-info

@@ -79,7 +79,8 @@ class StepMeter(L.Callback):
 class GenerationMeter(L.Callback):
     """Greedy decoding of exactly ``new_tokens`` (EOS suppressed until then) with the KV cache,
     under the trainer's autocast: one untimed call, then ``repeats`` timed ones. Image encoding
-    alone (tower + connector) is timed the same way: what a composite tower adds per image."""
+    alone (tower + connector) is timed the same way: what a composite tower adds per image.
+    A model with no ``generate`` (a segmenter predicts masks, not text) is left untimed."""
 
     def __init__(
         self, batch: dict, new_tokens: int, repeats: int, pad_token_id: int, eos_token_id: int,
@@ -99,6 +100,8 @@ class GenerationMeter(L.Callback):
         self.peak_memory: tuple[int, str] = (0, "")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not hasattr(pl_module.model, "generate"):
+            return
         device = pl_module.device
         batch = move_data_to_device(self.batch, device)
         pl_module.eval()

@@ -5,6 +5,7 @@ A sample is a conversation of random words about a noise image, rendered by the 
 processor: its template, its label masking and its image transforms (one tensor or CALM's
 dict per tower). Conversations are grown turn by turn until the text passes ``text_len`` and
 the processor truncates them, as it does in training, to exactly ``image tokens + text_len``.
+Each sample also carries one square target mask, which only a segmentation family reads.
 """
 
 from __future__ import annotations
@@ -65,8 +66,17 @@ def long_conversation(processor: VLMProcessor, rng: np.random.Generator, text_le
     return turns
 
 
-def noise_image(rng: np.random.Generator, size: int = 256) -> Image.Image:
+IMAGE_SIZE = 256
+
+
+def noise_image(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def square_mask(size: int = IMAGE_SIZE) -> dict:
+    """``meta`` of a record with one target: the middle half of the image, as a COCO polygon."""
+    lo, hi = size // 4, 3 * size // 4
+    return {"height": size, "width": size, "masks": [[[lo, lo, hi, lo, hi, hi, lo, hi]]]}
 
 
 def synthetic_batches(
@@ -81,10 +91,9 @@ def synthetic_batches(
         image = noise_image(rng)
         turns = long_conversation(processor, rng, text_len)
         try:
-            train.append(processor.encode({"id": str(i), "image": image, "conversations": turns}))
-            prompts.append(
-                processor.encode_prompt({"id": str(i), "image": image, "conversations": turns[:2]})
-            )
+            sample = {"id": str(i), "image": image, "meta": square_mask()}
+            train.append(processor.encode(sample | {"conversations": turns}))
+            prompts.append(processor.encode_prompt(sample | {"conversations": turns[:2]}))
         except SkipSample as err:
             raise ValueError(
                 f"bench.text_len={text_len} leaves no answer token after the first question: raise it ({err})"

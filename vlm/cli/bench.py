@@ -4,6 +4,7 @@ experiment config, on synthetic batches of the configured shape (no data on disk
     vlm-bench                                     # the tiny default, on whatever device
     vlm-bench size=real encoder=clip_vit_l14_336 llm=tinyllama_1.1b stage=finetune \\
         trainer=gpu trainer.precision=bf16-mixed  # LLaVA-1.5 finetune shape, random weights
+    vlm-bench compare=hf                          # beside transformers' LLaVA with our weights
 
 The steps run through a Lightning ``Trainer`` built from the ``trainer`` group (precision,
 accumulation, strategy as in training) with the module ``vlm-train`` would build; loggers
@@ -30,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
+from vlm.bench import compare_hf
 from vlm.bench.device import device_name, peak_tflops
 from vlm.bench.meter import GenerationMeter, StepMeter
 from vlm.bench.synthetic import corpus, synthetic_batches
@@ -38,7 +40,7 @@ from vlm.cli.common import CONFIG_DIR, quote_numeric_options, unknown_option
 from vlm.core.schema import TrainConf
 from vlm.core.tokenizer import IGNORE_INDEX
 from vlm.core.zoo.registry import LLM_ENTRIES
-from vlm.runtime.errors import said_in_one_line
+from vlm.runtime.errors import ConfigError, said_in_one_line
 from vlm.runtime.trainer import make_trainer
 from vlm.runtime.validate import validate
 
@@ -58,11 +60,15 @@ class BenchConf:
     cache_implementation: str | None = None  # transformers' KV cache kind for generation
     vocab_size: Any = "auto"  # "auto" | int | null, see conf/bench.yaml
     peak_tflops: float | None = None  # overrides the device table
+    compare: str | None = None  # null | hf
+    compare_rounds: int = 5
+    compare_batch: int | None = None  # the large generation batch; null: batch_size
 
 
 @dataclass
 class BenchRunConf(TrainConf):
     bench: BenchConf = field(default_factory=BenchConf)
+    compare: str | None = None  # ``vlm-bench compare=hf``: bench.compare's short form
 
 
 # conf/bench.yaml composes conf/train.yaml, whose first default is the strict ``_train_schema``;
@@ -109,13 +115,24 @@ def bench_trainer(cfg: DictConfig, callbacks: list[L.Callback], output_dir: str)
     return make_trainer(cfg, callbacks, overrides=loop, harness=False)
 
 
+def compare_prompts(processor, b: DictConfig, seed: int) -> dict[int, dict]:
+    """Generation batches for ``compare=hf``: one prompt, and the large batch."""
+    sizes = sorted({1, b.compare_batch or b.batch_size})
+    return {n: synthetic_batches(processor, n, b.text_len, seed)[1] for n in sizes}
+
+
 def bench(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
-    """Build the module, run ``warmup + steps`` optimizer steps, then the generation benchmark."""
+    """Build the module, run ``warmup + steps`` optimizer steps, then the generation benchmark;
+    with ``compare=hf``, then the same work side by side with transformers' LLaVA."""
     b = cfg.bench
+    if b.compare not in (None, "hf"):
+        raise ConfigError(f"bench.compare={b.compare}: choose from hf or null")
     seed = cfg.seed if cfg.seed is not None else 0
     L.seed_everything(seed, workers=True)
     tokenizer = bench_tokenizer(cfg)
     module = build_module(cfg, tokenizer)
+    if b.compare:
+        compare_hf.check_maps(module.model)
     batch, prompts = synthetic_batches(module.processor, b.batch_size, b.text_len, seed)
     steps = StepMeter(b.warmup, b.steps)
     generation = GenerationMeter(
@@ -131,7 +148,7 @@ def bench(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     trainer.fit(module, train_dataloaders=DataLoader([batch] * n_batches, batch_size=None))
     if len(steps.step_times) != b.steps:
         raise RuntimeError(f"the trainer stopped at step {trainer.global_step}, inside the timed window")
-    return {
+    result = {
         "device": device_name(trainer.strategy.root_device),
         "accelerator": trainer.strategy.root_device.type,
         "world_size": trainer.world_size,
@@ -142,7 +159,7 @@ def bench(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         "image_tokens": module.processor.num_image_tokens,
         "text_len": b.text_len,
         "seq_len": batch["input_ids"].shape[1],
-        "target_tokens_per_batch": int((batch["labels"] != IGNORE_INDEX).sum()),
+        "target_tokens_per_batch": int((batch["labels"] != IGNORE_INDEX).sum()) if "labels" in batch else 0,
         "vocab_size": len(tokenizer),
         "parameters": {
             r["component"]: {"total": r["total"], "trainable": r["trainable"]}
@@ -153,6 +170,13 @@ def bench(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         **training_figures(steps, batch, trainer, b.peak_tflops),
         "generate": generation_figures(generation, prompts),
     }
+    if b.compare:
+        prompts_hf = compare_prompts(module.processor, b, seed)
+        context, device = trainer.precision_plugin.forward_context, trainer.strategy.root_device
+        result["compare_hf"] = compare_hf.compare(
+            module, batch, prompts_hf, generation.kwargs, context, device, b.warmup, b.compare_rounds
+        )
+    return result
 
 
 def training_figures(steps: StepMeter, batch: dict, trainer: L.Trainer, peak: float | None) -> dict[str, Any]:
@@ -178,7 +202,9 @@ def training_figures(steps: StepMeter, batch: dict, trainer: L.Trainer, peak: fl
     }
 
 
-def generation_figures(generation: GenerationMeter, prompts: dict) -> dict[str, Any]:
+def generation_figures(generation: GenerationMeter, prompts: dict) -> dict[str, Any] | None:
+    if not generation.times:  # the model generates no text
+        return None
     seconds = statistics.fmean(generation.times)
     batch_size, prompt_len = prompts["input_ids"].shape
     return {
@@ -210,10 +236,16 @@ def print_figures(r: dict[str, Any], console: Console | None = None) -> None:
         ("FLOPs/step", f"{r['flops_per_step']:.3e} ({r['tflops_per_s']:.3g} TFLOP/s)"),
         ("MFU", mfu),
         ("peak memory", f"{r['peak_memory_gib']:.2f} GiB ({r['peak_memory_kind']})"),
-        ("generate", f"{g['ms_per_batch']:.1f} ms per batch of {g['batch_size']} x {g['new_tokens']} tokens"),
-        ("generate tokens/s", _rate(g["tokens_per_s"])),
-        ("encode images", f"{g['encode_ms_per_image']:.2f} ms per image (batch of {g['batch_size']})"),
     ]
+    if g:
+        rows += [
+            (
+                "generate",
+                f"{g['ms_per_batch']:.1f} ms per batch of {g['batch_size']} x {g['new_tokens']} tokens",
+            ),
+            ("generate tokens/s", _rate(g["tokens_per_s"])),
+            ("encode images", f"{g['encode_ms_per_image']:.2f} ms per image (batch of {g['batch_size']})"),
+        ]
     table = Table(title="vlm-bench")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -236,6 +268,8 @@ def _main(cfg: DictConfig) -> dict[str, Any]:
         "choices": {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")},
     }
     print_figures(result)
+    if "compare_hf" in result:
+        compare_hf.print_compare(result["compare_hf"])
     out = Path(output_dir) / "bench.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"figures: {out}")
