@@ -49,6 +49,7 @@ with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
 """
 
 
+@pytest.mark.slow  # builds seven real-size models on the meta device: make test-full
 def test_every_real_size_workload_composes_and_builds_offline_with_random_weights(tmp_path):
     """What a GPU run would compose: each workload at size=real, its model built on the meta
     device, no hub weights asked for."""
@@ -141,6 +142,7 @@ def test_references_that_cannot_run_say_why(tmp_path):
         parse(["rows=calm,sam"])
 
 
+@pytest.mark.slow  # the size=tiny table run (slow too) covers this row as well
 def test_the_segmenter_row_at_size_tiny(tmp_path):
     """vlm-bench of a family that generates no text: the step is timed, generation is left out."""
     cmd = [sys.executable, "-m", "vlm.bench.gpu_table", "size=tiny", "rows=segmentation", "rounds=1"]
