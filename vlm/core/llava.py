@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.core.builder import LlavaParts, build_parts, select_indices
+from vlm.core.fused_ce import head_cross_entropy
 from vlm.core.greedy import greedy, is_plain_greedy
 from vlm.core.model import VLMModel
 from vlm.core.positions import ImageLayout, Piece, build_image_positions
@@ -225,13 +225,9 @@ class LlavaModel(VLMModel):
             return {"logits": head(hidden)}
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = head(hidden[:, :-1][keep])  # (n_targets, vocab)
-        if loss_weights is None:
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp(min=1)
-        else:
-            w = loss_weights[:, 1:][keep].float()
-            loss = (F.cross_entropy(logits.float(), targets[keep], reduction="none") * w).sum()
-            loss = loss / w.sum().clamp(min=1e-6)
+        weights = None if loss_weights is None else loss_weights[:, 1:][keep].float()
+        # fused with the head and chunked at a large vocabulary: no (n_targets, vocab) logits kept
+        loss = head_cross_entropy(head, hidden[:, :-1][keep], targets[keep], weights)
         return {"loss": loss, "n_targets": keep.sum()}
 
     @torch.no_grad()
