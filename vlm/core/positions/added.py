@@ -29,9 +29,8 @@ class AddedPositions(nn.Module):
 
     def __init__(self, layout: ImageLayout, init_scale: float):
         super().__init__()
-        y, x, on_grid = layout.coordinates()
+        on_grid = layout.coordinates()[2]
         self.register_buffer("on_grid", on_grid[:, None].float(), persistent=False)
-        self.y, self.x = y, x
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
 
     def table(self) -> Tensor:
@@ -47,7 +46,8 @@ class SinCos2D(AddedPositions):
 
     def __init__(self, layout: ImageLayout, width: int, init_scale: float = 1.0):
         super().__init__(layout, init_scale)
-        self.register_buffer("fixed", sincos_2d(self.y, self.x, width), persistent=False)
+        y, x, _ = layout.coordinates()
+        self.register_buffer("fixed", sincos_2d(y, x, width), persistent=False)
 
     def table(self) -> Tensor:
         return self.fixed
@@ -62,9 +62,10 @@ class Learned2D(AddedPositions):
         rows, cols = layout.grid
         self.rows = nn.Parameter(torch.randn(rows, width) * std)
         self.cols = nn.Parameter(torch.randn(cols, width) * std)
+        y, x, _ = layout.coordinates()
         clamp = lambda v, n: v.round().clamp(0, n - 1).long()  # noqa: E731
-        self.register_buffer("row_index", clamp(self.y, rows), persistent=False)
-        self.register_buffer("col_index", clamp(self.x, cols), persistent=False)
+        self.register_buffer("row_index", clamp(y, rows), persistent=False)
+        self.register_buffer("col_index", clamp(x, cols), persistent=False)
 
     def table(self) -> Tensor:
         return self.rows[self.row_index] + self.cols[self.col_index]
