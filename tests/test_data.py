@@ -15,6 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from runs import data_overrides, metrics_rows, one_thread, run_train, steps
 from torch.utils.data import DataLoader
 
 from vlm.data.datamodule import GENERATE, LOSS, VLMDataModule
@@ -427,6 +428,21 @@ def test_length_grouped_batches_hold_similar_lengths_and_resume_in_order(world):
     shards = [list(r) for r in ranks]
     assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(10))
     assert length_grouped(list(range(6)), [1, 5, 2, 6, 3, 4], group=3) == [1, 2, 0, 3, 5, 4]
+
+
+def test_pretokenize_gives_the_same_run_with_the_text_encoded_up_front(shapesworld, tmp_path, caplog):
+    """``data.pretokenize`` changes when the text is encoded, not what: the same losses step by
+    step; and it needs the text cache it fills."""
+    losses = {}
+    for on in (False, True):
+        args = [*data_overrides(shapesworld), *steps(8, 8), "test=false", f"data.pretokenize={on}"]
+        with one_thread(), caplog.at_level(logging.INFO, logger="vlm.data.datamodule"):
+            run_train(args, tmp_path / str(on))
+        losses[on] = [r["train/loss"] for r in metrics_rows(tmp_path / str(on)) if r.get("train/loss")]
+    assert len(losses[True]) == 8 and losses[True] == losses[False]
+    assert "pretokenized 64/64 train conversations" in caplog.text
+    with pytest.raises(ValueError, match="data.pretokenize fills the text cache: set data.text_cache"):
+        VLMDataModule(pretokenize=True, text_cache=0)
 
 
 class Recorder(L.LightningModule):

@@ -159,3 +159,28 @@ def test_the_text_cache_returns_what_processing_returns_and_stays_within_its_siz
                         assert torch.equal(want[key], got[key]), (mode, key)
     assert len(cached._text_cache) == 1  # the first conversation's training text
     assert len(renders) == 1 + 3 * 3  # rendered once when cached, every time otherwise
+
+
+def test_pretokenize_fills_the_cache_in_worker_processes_with_what_encoding_gives(tokenizer, monkeypatch):
+    image = Image.new("RGB", (8, 8))
+    short = CONV[:2]
+    samples = [
+        {"conversations": CONV, "meta": {"qtypes": ["color", "count"]}},
+        {"conversations": short, "meta": {"qtype": "color"}},
+        {"conversations": [{"from": "robot", "value": "?"}, {"from": "gpt", "value": "x"}], "meta": {}},
+    ]
+    plain = make_processor(tokenizer, build_template("auto", tokenizer))
+    pre = make_processor(tokenizer, build_template("auto", tokenizer))
+    for proc in (plain, pre):
+        proc.qtype_weights = {"count": 3.0}
+    pre.cache_text(10)
+    assert pre.pretokenize(samples, processes=2) == 2  # the malformed one is left to the loader
+    monkeypatch.setattr(pre.template, "segments", lambda *a, **k: pytest.fail("rendered after pretokenize"))
+    for sample in samples[:2]:
+        want, got = plain.encode({**sample, "image": image}), pre.encode({**sample, "image": image})
+        for key in ("input_ids", "labels", "loss_weights"):
+            assert torch.equal(want[key], got[key]), key
+    assert 3.0 in pre.encode({**samples[0], "image": image})["loss_weights"].tolist()
+    full = make_processor(tokenizer, build_template("auto", tokenizer))
+    full.cache_text(1)
+    assert full.pretokenize(samples, processes=2) == 1  # no more than the cache holds

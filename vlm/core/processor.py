@@ -7,7 +7,9 @@ to cut the image span, and the model only has to scatter features into marked po
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import multiprocessing as mp
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from PIL import Image
@@ -67,6 +69,36 @@ class VLMProcessor:
         step, and every epoch after the first repeats them. Pixels are never cached (no
         memory for real images, and random augmentations stay random)."""
         self.text_cache_size = size
+
+    def pretokenize(self, samples: Iterable[dict], processes: int) -> int:
+        """Fill the text cache with the training text of ``samples`` before the first step, in
+        ``processes`` forked workers: the chat template's rendering and the tokenizer then run
+        in parallel once, instead of inside every step of the first epoch. A sample that fails
+        here is left to the loader, which skips or raises as configured. Returns how many were
+        cached."""
+        jobs = []
+        for s in samples:
+            if len(jobs) >= self.text_cache_size - len(self._text_cache):
+                break
+            turns = s["conversations"]
+            jobs.append((turns, self.reply_weights(s, len(turns) // 2)))
+        if not jobs:
+            return 0
+        global _PRETOKENIZING
+        _PRETOKENIZING = self
+        try:
+            # shut down by sentinels, not SIGTERM (a Trainer's SIGTERM handler lives on in a fork)
+            with ProcessPoolExecutor(processes, mp_context=mp.get_context("fork")) as pool:
+                chunk = max(1, len(jobs) // (8 * processes))
+                outs = list(pool.map(_encode_training_text, jobs, chunksize=chunk))
+        finally:
+            _PRETOKENIZING = None
+        done = 0
+        for (turns, weights), out in zip(jobs, outs, strict=True):
+            if out is not None:
+                self._text_cache[self._text_key(False, turns, weights)] = out
+                done += 1
+        return done
 
     def encode_segments(
         self, segments, reply_weights: list[float] | None = None
@@ -146,7 +178,7 @@ class VLMProcessor:
 
     def encode_text(self, turns: list[dict], prompt: bool, weights: list[float] | None):
         """``encode_segments`` of the conversation's template segments, through the cache."""
-        key = (prompt, tuple((t["from"], t["value"]) for t in turns), tuple(weights or ()))
+        key = self._text_key(prompt, turns, weights)
         hit = self._text_cache.get(key)
         if hit is not None:
             return hit
@@ -158,6 +190,10 @@ class VLMProcessor:
         if len(self._text_cache) < self.text_cache_size:
             self._text_cache[key] = out
         return out
+
+    @staticmethod
+    def _text_key(prompt: bool, turns: list[dict], weights: list[float] | None) -> tuple:
+        return (prompt, tuple((t["from"], t["value"]) for t in turns), tuple(weights or ()))
 
     def _image_end(self, ids: list[int]) -> int:
         pos = [i for i, t in enumerate(ids) if t == self.image_token_id]
@@ -193,6 +229,17 @@ class VLMProcessor:
             if key in items[0]:
                 batch[key] = [it[key] for it in items]
         return batch
+
+
+_PRETOKENIZING: VLMProcessor | None = None  # the processor a forked pretokenize worker encodes with
+
+
+def _encode_training_text(job: tuple[list[dict], list[float] | None]):
+    turns, weights = job
+    try:
+        return _PRETOKENIZING.encode_segments(_PRETOKENIZING.template.segments(turns), weights)
+    except Exception:  # noqa: BLE001 - the loader meets this sample again and reports it
+        return None
 
 
 def _pad(seqs: list[torch.Tensor], width: int, value: float, left: bool) -> torch.Tensor:

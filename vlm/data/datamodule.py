@@ -13,6 +13,8 @@ tokenizer trained on ``corpus()``; so loaders exist only after ``attach(processo
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -68,11 +70,14 @@ class VLMDataModule(L.LightningDataModule):
     ``text_cache``: conversations whose token ids the processor keeps after their first use
     (0: none); each loader worker keeps its own. ``group_by_length``: training batches of
     conversations of similar length (HF Trainer's option; words counted, no image read), so
-    less of each batch is padding. ``qtypes``: the question types the records
-    carry (``meta.qtype``), which the VQA objective scores one by one (``objective.qtypes``
-    reads them from here); an evaluated split with other types says so once. ``val_holdout``:
-    with no ``val_json``, this many train records (seeded; at most a tenth of them) are the
-    validation split instead, and training never sees them.
+    less of each batch is padding. ``pretokenize``: the train split's text enters the cache
+    before the first step, encoded by one forked process per core (needs ``text_cache``), so
+    the first epoch's steps do not wait on the chat template and the tokenizer.
+    ``qtypes``: the question types the records carry (``meta.qtype``), which the VQA
+    objective scores one by one (``objective.qtypes`` reads them from here); an evaluated
+    split with other types says so once. ``val_holdout``: with no ``val_json``, this many
+    train records (seeded; at most a tenth of them) are the validation split instead, and
+    training never sees them.
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class VLMDataModule(L.LightningDataModule):
         corpus_json: Sequence[str] | None = None,
         text_cache: int = 0,
         group_by_length: bool = False,
+        pretokenize: bool = False,
         qtypes: Sequence[str] = (),
         val_holdout: int = 0,
         seed: int = 0,
@@ -109,6 +115,8 @@ class VLMDataModule(L.LightningDataModule):
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
         if reader not in READERS:
             raise ValueError(f"data.reader must be one of {READERS}, got {reader!r}")
+        if pretokenize and not text_cache:
+            raise ValueError("data.pretokenize fills the text cache: set data.text_cache > 0")
         self.save_hyperparameters()
         for key, value in self.hparams.items():  # plain values, so checkpoints load weights-only
             if OmegaConf.is_config(value):
@@ -118,6 +126,7 @@ class VLMDataModule(L.LightningDataModule):
         self._train_loader: CountingLoader | None = None
         self._resume: dict | None = None
         self._logged: dict[str, str] = {}
+        self._pretokenized = False
 
     # -- data on disk ------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -333,6 +342,8 @@ class VLMDataModule(L.LightningDataModule):
         resume, self._resume = self._resume, None
         if resume is not None:
             self._apply(resume, sampler)
+        if self.hparams.pretokenize and not self._pretokenized:
+            self._pretokenize(ds)
         self._train_loader = self._loader(
             ds,
             False,
@@ -342,6 +353,14 @@ class VLMDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
         return self._train_loader
+
+    def _pretokenize(self, ds: ConversationDataset) -> None:
+        processes = len(os.sched_getaffinity(0))
+        start = time.perf_counter()
+        n = self.processor.pretokenize(ds.text_samples(), processes)
+        self._pretokenized = True
+        took = time.perf_counter() - start
+        log.info(f"pretokenized {n}/{len(ds)} train conversations in {took:.1f} s ({processes} processes)")
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         ds, bs = self._dataset(split), self.hparams.eval_batch_size or self.hparams.batch_size

@@ -207,6 +207,14 @@ class ConversationDataset(Dataset):
         for i in self.index:
             yield self.records[i]["conversations"]
 
+    def text_samples(self) -> Iterator[dict]:
+        """The samples without their images (``conversations`` and ``meta``): what encoding
+        the text needs, read with no image IO."""
+        for i in self.index:
+            rec = self.records[i]
+            meta = {k: v for k, v in rec.items() if k not in RECORD_KEYS}
+            yield {"conversations": rec["conversations"], "meta": meta}
+
     def with_transform(self, transform: Callable[[dict], Any] | None) -> ConversationDataset:
         """A view with another transform that shares records, index and bad-sample counts
         (the validation split feeds a loss loader and a generation loader)."""
