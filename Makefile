@@ -10,6 +10,7 @@ STAMP := $(VENV)/.vlm-setup.stamp
 # torch/torchvision pins, read from pyproject.toml so there is one source of truth.
 TORCH_PINS := $(shell grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
 ARGS ?=
+STAGE2_ARGS ?=
 # Installed without its dependencies: pyproject.toml lists those it needs (see the comment there).
 LMMS_EVAL := lmms-eval==0.7.3
 
@@ -17,7 +18,7 @@ LMMS_EVAL := lmms-eval==0.7.3
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
-	@echo "  Variables: ARGS='<hydra overrides>' (train, bench), VENV=$(VENV)"
+	@echo "  Variables: ARGS='<hydra overrides>' (train, bench), STAGE2_ARGS (train's stage 2 only), BAR and VAL_EVERY (bench-train), VENV=$(VENV)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +37,7 @@ train: setup ## Train the default experiment, stages 1, 1b and 2 (ARGS='<overrid
 	$(BIN)/vlm-train experiment=llava_shapes_stage1b hydra.run.dir=$(RUN)/stage1b \
 		stage.init_from=$(RUN)/stage1/checkpoints/last.ckpt $(ARGS)
 	$(BIN)/vlm-train experiment=llava_shapes hydra.run.dir=$(RUN)/stage2 \
-		stage.init_from=$(RUN)/stage1b/checkpoints/last.ckpt $(ARGS)
+		stage.init_from=$(RUN)/stage1b/checkpoints/last.ckpt $(ARGS) $(STAGE2_ARGS)
 	@echo "checkpoint: $(RUN)/stage2/checkpoints/last.ckpt"
 
 # The default checkpoint (the newest `make train` stage-2 best, or CKPT=<path.ckpt>) on every
@@ -161,10 +162,15 @@ lint: setup ## ruff check + ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Time to accuracy as MLPerf measures it: stage 2 validates every VAL_EVERY steps and stops at
+# the first val/acc >= BAR (callbacks=stop_at_target); the test split then says whether it holds.
 BENCH_TRAIN := logs/bench_train/$(shell date +%Y-%m-%d_%H-%M-%S)
-bench-train: setup ## Time-to-accuracy of the default run: make train, timed part by part, and the table
-	$(MAKE) --no-print-directory train RUN=$(BENCH_TRAIN) ARGS="$(ARGS)"
-	$(BIN)/python -m vlm.bench.train_report $(BENCH_TRAIN)
+BAR ?= 0.9
+VAL_EVERY ?= 100
+bench-train: setup ## Time-to-accuracy of the default run: make train to BAR=0.9, timed part by part, and the table
+	$(MAKE) --no-print-directory train RUN=$(BENCH_TRAIN) ARGS="$(ARGS)" STAGE2_ARGS="callbacks=stop_at_target \
+		callbacks.stop_at_target.stopping_threshold=$(BAR) trainer.val_check_interval=$(VAL_EVERY) $(STAGE2_ARGS)"
+	$(BIN)/python -m vlm.bench.train_report $(BENCH_TRAIN) --bar $(BAR)
 
 bench: setup ## Benchmark the default configuration (ARGS='...')
 	$(BIN)/vlm-bench $(ARGS)
