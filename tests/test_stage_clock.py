@@ -35,3 +35,20 @@ def test_the_bench_train_table_adds_the_stages_and_reads_the_final_test_accuracy
     assert f"test accuracy at the end: {trained_run[1]['test/acc']:.4f}" in text
     assert "time to 0.0 test accuracy: **" in text and "first validation at val/acc >= 0.0: step 40" in text
     assert "not reached" in report(tmp_path, bar=1.01)
+
+
+def test_stop_at_target_ends_the_fit_at_the_first_validation_above_the_bar_then_tests(shapesworld, tmp_path):
+    """``callbacks=stop_at_target`` (make bench-train's stage 2): 24 steps planned, validation
+    every 8; a bar every validation clears stops at step 8, and the run still tests; one no
+    accuracy clears runs the whole plan."""
+    from runs import data_overrides, one_thread, run_train, steps
+
+    args = [*data_overrides(shapesworld), *steps(24, 8), "callbacks=stop_at_target"]
+    with one_thread():
+        metrics = run_train([*args, "callbacks.stop_at_target.stopping_threshold=-1.0"], tmp_path / "stop")
+    timing = json.loads((tmp_path / "stop" / "timing.json").read_text())
+    assert timing["steps"] == 8 and [v["step"] for v in timing["validations"]] == [8]
+    assert "test/acc" in metrics and timing["test_s"] > 0
+    with one_thread():
+        run_train([*args, "callbacks.stop_at_target.stopping_threshold=2.0"], tmp_path / "never")
+    assert json.loads((tmp_path / "never" / "timing.json").read_text())["steps"] == 24
