@@ -163,7 +163,7 @@ lint: setup ## ruff check + ruff format --check
 	$(BIN)/ruff format --check .
 
 # Time to accuracy as MLPerf measures it: stage 2 validates every VAL_EVERY steps and stops at
-# the first val/acc >= BAR (callbacks=stop_at_target); the test split then says whether it holds.
+# the first val/acc above BAR (callbacks=stop_at_target); the test split then says whether it holds.
 BENCH_TRAIN := logs/bench_train/$(shell date +%Y-%m-%d_%H-%M-%S)
 BAR ?= 0.9
 VAL_EVERY ?= 100
