@@ -71,8 +71,9 @@ class VLMDataModule(L.LightningDataModule):
     (0: none); each loader worker keeps its own. ``group_by_length``: training batches of
     conversations of similar length (HF Trainer's option; words counted, no image read), so
     less of each batch is padding. ``pretokenize``: the train split's text enters the cache
-    before the first step, encoded by one forked process per core (needs ``text_cache``), so
-    the first epoch's steps do not wait on the chat template and the tokenizer.
+    before the first step, encoded by forked processes, one per core (shared by the DDP ranks
+    of a machine; needs ``text_cache``), so the first epoch's steps do not wait on the chat
+    template and the tokenizer.
     ``qtypes``: the question types the records carry (``meta.qtype``), which the VQA
     objective scores one by one (``objective.qtypes`` reads them from here); an evaluated
     split with other types says so once. ``val_holdout``: with no ``val_json``, this many
@@ -355,7 +356,9 @@ class VLMDataModule(L.LightningDataModule):
         return self._train_loader
 
     def _pretokenize(self, ds: ConversationDataset) -> None:
-        processes = len(os.sched_getaffinity(0))
+        # every rank encodes the whole split (each epoch shards it anew): a machine's share its cores
+        ranks = self.trainer.num_devices if self.trainer else 1
+        processes = max(1, len(os.sched_getaffinity(0)) // ranks)
         start = time.perf_counter()
         n = self.processor.pretokenize(ds.text_samples(), processes)
         self._pretokenized = True
