@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from runs import data_overrides, one_thread, run_train, steps
 
 from vlm.bench.train_report import STAGES, report
 
@@ -41,8 +42,6 @@ def test_stop_at_target_ends_the_fit_at_the_first_validation_above_the_bar_then_
     """``callbacks=stop_at_target`` (make bench-train's stage 2): 24 steps planned, validation
     every 8; a bar every validation clears stops at step 8, and the run still tests; one no
     accuracy clears runs the whole plan."""
-    from runs import data_overrides, one_thread, run_train, steps
-
     args = [*data_overrides(shapesworld), *steps(24, 8), "callbacks=stop_at_target"]
     with one_thread():
         metrics = run_train([*args, "callbacks.stop_at_target.stopping_threshold=-1.0"], tmp_path / "stop")
