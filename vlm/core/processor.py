@@ -237,7 +237,7 @@ _PRETOKENIZING: VLMProcessor | None = None  # the processor a forked pretokenize
 def _encode_training_text(job: tuple[list[dict], list[float] | None]):
     turns, weights = job
     try:
-        return _PRETOKENIZING.encode_segments(_PRETOKENIZING.template.segments(turns), weights)
+        return _PRETOKENIZING.encode_text(turns, False, weights)
     except Exception:  # noqa: BLE001 - the loader meets this sample again and reports it
         return None
 

@@ -154,7 +154,7 @@ class ConversationDataset(Dataset):
             "id": str(rec.get("id", i)),
             "image": image,
             "conversations": rec["conversations"],
-            "meta": {k: v for k, v in rec.items() if k not in RECORD_KEYS},
+            "meta": _meta(rec),
         }
         if self.transform is None:
             return sample
@@ -212,8 +212,7 @@ class ConversationDataset(Dataset):
         the text needs, read with no image IO."""
         for i in self.index:
             rec = self.records[i]
-            meta = {k: v for k, v in rec.items() if k not in RECORD_KEYS}
-            yield {"conversations": rec["conversations"], "meta": meta}
+            yield {"conversations": rec["conversations"], "meta": _meta(rec)}
 
     def with_transform(self, transform: Callable[[dict], Any] | None) -> ConversationDataset:
         """A view with another transform that shares records, index and bad-sample counts
@@ -227,3 +226,8 @@ class ConversationDataset(Dataset):
         view = copy.copy(self)
         view.index = [self.index[k] for k in positions]
         return view
+
+
+def _meta(rec: dict) -> dict:
+    """Every record key besides id, image and conversations."""
+    return {k: v for k, v in rec.items() if k not in RECORD_KEYS}
